@@ -1,0 +1,11 @@
+"""minitree: lossless tree speculative decoding in plain PyTorch."""
+
+from .config import ConfigError, ModelArgs, from_hf_config
+from .engine import Engine, EngineError, Result, Stats
+from .loading import LoadError, load
+from .model import Transformer
+from .sampling import Sampling, SamplingError
+from .tree import Tree, TreeError
+
+__all__ = ["load", "Engine", "Tree", "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats",
+           "ConfigError", "EngineError", "LoadError", "SamplingError", "TreeError"]

@@ -1,0 +1,73 @@
+"""Step 3: which drafted nodes does the target agree with? -> accepted path + bonus token.
+
+Both rules walk the tree by parent pointers (never a flat prefix walk, which would turn a
+tree into a chain) and are sync-free: they return tensors.
+
+    path   [D+1]  node indices root -> last accepted node, padded by repeating the last one
+    n_acc  []     number of accepted draft nodes (0..D); the step commits n_acc + 1 tokens
+    bonus  []     the target's token after the last accepted node
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import draw
+from .tree import Tree
+
+
+def accept_greedy(tree: Tree, tokens: torch.Tensor, target_logits: torch.Tensor):
+    """tokens [n], target_logits [n, V]: a node is accepted iff it and each ancestor is the
+    target's argmax at its parent; the deepest accepted node ends the path."""
+    choice = target_logits.argmax(-1)  # [n]
+    correct = tokens == choice[tree.parents]
+    correct[0] = True
+    accepted = ~(tree.anc & ~correct).any(1)  # all ancestors (and self) correct
+    last = (tree.depth * accepted).argmax()  # siblings carry distinct tokens: one path at most
+    return tree.paths[last], tree.depth[last], choice[last]
+
+
+def accept_sample(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
+                  one_hot_draft: bool):
+    """Recursive rejection sampling over siblings, without replacement.
+
+    p [n, V]: target probabilities at every node; q [n, V]: the draft distribution the
+    children of each expanded node were drawn from (in rank order, without replacement);
+    u [D * K + 1]: uniforms. At a node, child i with token x is accepted with probability
+    min(1, p_i(x) / q_i(x)); on rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} =
+    norm(q_i without x). With one_hot_draft (children are the draft's top-k, not draws)
+    q_i is one-hot at x: accept with probability p_i(x), then p_{i+1} = norm(p_i without x).
+    If no child is accepted, the bonus is drawn from the residual p; after a leaf, from p.
+    Then the output is distributed exactly as p, whatever q is.
+    """
+    K = tree.children.shape[1]
+    u_accept, u_bonus = u[:-1].view(max(tree.max_depth, 1), K), u[-1]
+    cur = torch.zeros((), dtype=torch.long, device=p.device)
+    alive = torch.ones((), dtype=torch.bool, device=p.device)
+    n_acc = torch.zeros((), dtype=torch.long, device=p.device)
+    stop_p = p[0]
+    for d in range(tree.max_depth):
+        res, qq, nxt = p[cur], q[cur], cur
+        moved = torch.zeros((), dtype=torch.bool, device=p.device)
+        for r in range(K):
+            child = tree.children[cur, r]
+            x = tokens[child.clamp(min=0)]
+            q_i = torch.nn.functional.one_hot(x, p.shape[-1]).to(p.dtype) if one_hot_draft else qq
+            qx, px = q_i[x], res[x]
+            valid = alive & ~moved & (child >= 0)
+            ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
+            rejected = valid & ~ok
+            residual = (res - q_i).clamp(min=0)
+            res = torch.where(rejected, residual / residual.sum().clamp(min=1e-30), res)
+            if not one_hot_draft:
+                q_next = qq.clone()
+                q_next[x] = 0
+                qq = torch.where(rejected, q_next / q_next.sum().clamp(min=1e-30), qq)
+            moved = moved | ok
+            nxt = torch.where(ok, child, nxt)
+        stop_p = torch.where(alive & ~moved, res, stop_p)
+        alive = alive & moved
+        cur = torch.where(moved, nxt, cur)
+        n_acc = n_acc + moved.long()
+    stop_p = torch.where(alive, p[cur], stop_p)
+    return tree.paths[cur], n_acc, draw(stop_p, u_bonus)

@@ -1,0 +1,71 @@
+"""Tree attention masks: who may see whom in one forward pass.
+
+Every forward of minitree (prefill chunk, plain decode, draft level, tree verify) uses one
+mask rule over the cache slots, parameterised by tensors so that it never forces a
+recompile:
+
+    query q (at cache slot q_slot[q], tree node q_node[q]) sees cache slot kv  iff
+        kv <= q_slot[q]  and  (kv < base  or  node kv - base is q_node[q] or one of its ancestors)
+
+`base` is the slot of the tree's root (the last committed token); everything below it is the
+committed prefix. The ancestor relation is an int64 bitmask per node (bit j of
+anc_bits[i] set iff node j is i or an ancestor of i), so a tree holds at most 64 nodes.
+A causal chunk (prefill) is the same rule with `base` beyond every slot.
+
+This module does not run attention; model.py does, with either mask form built here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+BLOCK = 128  # FlexAttention block size, in slots and in queries
+NO_TREE = 1 << 40  # a `base` beyond any slot: the rule degenerates to causal-by-slot
+
+
+def tree_mask_mod(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, anc_bits: torch.Tensor):
+    """mask_mod(b, h, q_idx, kv_idx) -> bool for the rule above (pure, closes over tensors)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        rel = kv_idx - base
+        bit = (anc_bits[q_node[q_idx]] >> rel.clamp(0, 63)) & 1
+        # Integer arithmetic instead of `&`/`|` on mixed lookups: see DESIGN.md, CPU traps.
+        in_tree = torch.where(rel < 0, 1, bit)
+        causal = torch.where(kv_idx <= q_slot[q_idx], 1, 0)
+        return (in_tree * causal) > 0
+
+    mask_mod.__name__ = "tree_mask"
+    return mask_mod
+
+
+def block_mask(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, anc_bits: torch.Tensor,
+               cache_len: int) -> BlockMask:
+    """BlockMask for at most BLOCK queries over a cache of `cache_len` slots (a multiple of BLOCK).
+
+    Built from tensors only (no host sync), so it can live inside a compiled step. Blocks
+    entirely below both `base` and the lowest query slot are full (mask_mod skipped); the
+    blocks from there up to the highest query slot are partial, so tree nodes always go
+    through mask_mod.
+    """
+    n_blocks = cache_len // BLOCK
+    device = q_slot.device
+    visible_below = torch.minimum(base, q_slot.min() + 1)  # every query sees all slots < this
+    n_full = (visible_below // BLOCK).clamp(max=n_blocks).to(torch.int32)
+    n_partial = (q_slot.max() // BLOCK + 1).to(torch.int32) - n_full
+    blocks = torch.arange(n_blocks, device=device, dtype=torch.int32)
+    kv_indices = (blocks + n_full).clamp(max=n_blocks - 1)
+    return BlockMask.from_kv_blocks(
+        n_partial.view(1, 1, 1), kv_indices.view(1, 1, 1, -1),
+        n_full.view(1, 1, 1), blocks.view(1, 1, 1, -1),
+        BLOCK_SIZE=BLOCK, mask_mod=tree_mask_mod(q_slot, q_node, base, anc_bits),
+        seq_lengths=(q_slot.numel(), cache_len), compute_q_blocks=False,
+    )
+
+
+def dense_mask(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, anc_bits: torch.Tensor,
+               cache_len: int) -> torch.Tensor:
+    """The same rule as a dense bool [Q, cache_len] mask (the SDPA reference path)."""
+    q_idx = torch.arange(q_slot.numel(), device=q_slot.device)[:, None]
+    kv_idx = torch.arange(cache_len, device=q_slot.device)[None, :]
+    return tree_mask_mod(q_slot, q_node, base, anc_bits)(0, 0, q_idx, kv_idx)

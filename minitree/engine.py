@@ -1,0 +1,215 @@
+"""The engine: prefill, then step() = draft -> verify -> accept -> compact, until done.
+
+Plain decoding is the same loop with a root-only tree and no draft. Every model forward
+goes through `masked_forward`, which builds the attention mask from tensors and runs the
+model; it is compiled once per (model, query length) with fullgraph=True and dynamic=False,
+so a steady-state decode never recompiles. The engine knows nothing about text: it takes
+and returns token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import BLOCK, NO_TREE, block_mask, dense_mask
+from .accept import accept_greedy, accept_sample
+from .draft import draft_tree
+from .kv import compact
+from .model import Transformer
+from .sampling import Sampling, probs
+from .tree import Tree
+from .verify import verify
+
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+
+
+class EngineError(ValueError):
+    """Bad input to the engine (message is meant for users)."""
+
+
+def masked_forward(model: Transformer, flex: bool, tokens, positions, slots, q_node, base, anc_bits,
+                   logits: bool = True):
+    """One forward of `model` over tokens [T] at `slots`, under the tree mask (attention.py)."""
+    make = block_mask if flex else dense_mask
+    mask = make(slots, q_node, base, anc_bits, model.cache_len)
+    return model(tokens, positions, slots, mask, logits)
+
+
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    target_forwards: int = 0  # verify passes (one per step)
+    draft_forwards: int = 0
+    accepted: Counter = field(default_factory=Counter)  # accepted draft nodes per step -> count
+    node_hits: list[int] = field(default_factory=list)  # per tree node: times it was on the accepted path
+    prefill_s: float = 0.0
+    time_s: dict = field(default_factory=lambda: dict(draft=0.0, verify=0.0, accept=0.0, compact=0.0, other=0.0))
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward (accepted + bonus)."""
+        return sum((m + 1) * c for m, c in self.accepted.items()) / max(self.target_forwards, 1)
+
+    def acceptance_per_depth(self, max_depth: int) -> list[float]:
+        """Fraction of steps that accepted a node at depth d, for d = 1..max_depth."""
+        steps = max(self.target_forwards, 1)
+        return [sum(c for m, c in self.accepted.items() if m >= d) / steps for d in range(1, max_depth + 1)]
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.time_s.values())
+
+    def as_dict(self, max_depth: int) -> dict:
+        return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
+                    draft_forwards=self.draft_forwards, tau=self.tau,
+                    accepted_histogram={int(k): v for k, v in sorted(self.accepted.items())},
+                    acceptance_per_depth=self.acceptance_per_depth(max_depth), node_hits=self.node_hits,
+                    prefill_s=self.prefill_s, decode_s=self.decode_s,
+                    tokens_per_s=self.new_tokens / max(self.decode_s, 1e-9), time_s=dict(self.time_s))
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    stats: Stats
+
+
+# ----------------------------------------------------------------------------------------
+class Engine:
+    """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree`.
+
+    With draft=None (or tree=None) it decodes plainly. Both models get a static KV cache
+    of `max_seq_len` tokens plus room for one tree; prompt + output must fit in max_seq_len.
+    `attention`: "flex" (FlexAttention BlockMask) or "sdpa" (dense mask, the reference).
+    """
+
+    def __init__(self, target: Transformer, draft: Transformer | None = None, tree: "Tree | str | None" = None, *,
+                 max_seq_len: int = 2048, compile: bool = True, attention: str = "flex", prefill_chunk: int = 128):
+        if attention not in ("flex", "sdpa"):
+            raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
+        if draft is not None and draft.args.vocab_size != target.args.vocab_size:
+            raise EngineError(f"draft vocabulary ({draft.args.vocab_size} tokens) differs from the target's "
+                              f"({target.args.vocab_size} tokens); they must share a tokenizer")
+        if not 0 < prefill_chunk <= BLOCK:
+            raise EngineError(f"prefill_chunk must be in 1..{BLOCK}")
+        self.device = target.lm_head.weight.device
+        self.target, self.draft = target, draft if tree is not None else None
+        tree = Tree.parse(tree) if (tree is not None and draft is not None) else Tree([])
+        self.tree = tree.to(self.device)
+        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        pad = max(prefill_chunk, self.tree.n) + 1
+        cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
+        self.models = [m for m in (target, self.draft) if m is not None]
+        self.runs = []
+        for m in self.models:
+            m.setup_cache(cache_len)
+            fn = functools.partial(masked_forward, m, attention == "flex")
+            self.runs.append(torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn)
+        self.seq = torch.zeros(cache_len, dtype=torch.long, device=self.device)  # committed tokens
+        self.L = torch.zeros((), dtype=torch.long, device=self.device)  # how many
+
+    # ------------------------------------------------------------------------------------
+    def prefill(self, prompt: list[int]) -> None:
+        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root."""
+        C, dev = self.prefill_chunk, self.device
+        ids = torch.tensor(prompt, dtype=torch.long, device=dev)
+        self.seq.zero_()
+        self.seq[: len(prompt)] = ids
+        self.L.fill_(len(prompt))
+        no_tree = torch.tensor(NO_TREE, device=dev)
+        ones = torch.ones(1, dtype=torch.long, device=dev)
+        for start in range(0, len(prompt) - 1, C):
+            slots = torch.arange(start, start + C, device=dev)
+            chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, never visible
+            for run in self.runs:
+                run(chunk, slots, slots, torch.zeros_like(slots), no_tree, ones, logits=False)
+
+    def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
+        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path)."""
+        tree, L = self.tree, self.L
+        base = L - 1
+        t = self._clock()
+        if self.draft is not None:
+            tokens, q = draft_tree(self.runs[1], tree, self.seq, L, sampling, one_hot_draft, generator)
+        else:
+            tokens, q = self.seq[base].view(1), None
+        t = self._clock("draft", t)
+        logits = verify(self.runs[0], tree, tokens, base)
+        t = self._clock("verify", t)
+        if sampling.greedy:
+            path, n_acc, bonus = accept_greedy(tree, tokens, logits)
+        else:
+            u = torch.rand(max(tree.max_depth, 1) * tree.children.shape[1] + 1, generator=generator,
+                           device=self.device)
+            q = torch.zeros_like(logits) if q is None else q
+            path, n_acc, bonus = accept_sample(tree, tokens, probs(logits, sampling), q, u, one_hot_draft)
+        # [D+1]: the accepted nodes' tokens, the bonus at index n_acc, then junk
+        out = torch.cat([tokens[path[1:]], bonus.view(1)]).scatter(0, n_acc.view(1), bonus.view(1))
+        t = self._clock("accept", t)
+        compact([m.kv_cache for m in self.models], base, path)
+        self.seq.index_copy_(0, L + torch.arange(tree.max_depth + 1, device=self.device), out)
+        self.L += n_acc + 1
+        self._clock("compact", t)
+        return out, n_acc + 1, path
+
+    def _clock(self, phase: str | None = None, since: float = 0.0) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if phase is not None:
+            self._times[phase] += now - since
+        return now
+
+    # ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(), *,
+                 seed: int | None = None, eos_token_ids=None, one_hot_draft: bool = False,
+                 on_tokens=None) -> Result:
+        """Decode up to max_new_tokens after `prompt` (token ids). Stops after an EOS token
+        (included in the output) or when the context is full. `on_tokens(list)` is called
+        with each step's committed tokens, for streaming."""
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        if len(prompt) + 1 > self.max_seq_len:
+            raise EngineError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
+                              f"(raise max_seq_len, or shorten the prompt)")
+        eos = set(self.target.args.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        stats = Stats(node_hits=[0] * self.tree.n)
+        self._times = stats.time_s
+        t0 = time.perf_counter()
+        self.prefill(prompt)
+        stats.prefill_s = time.perf_counter() - t0
+        out: list[int] = []
+        room = self.max_seq_len - self.tree.max_depth - 1
+        t0 = time.perf_counter()
+        while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
+            committed, count, path = self.step(sampling, generator, one_hot_draft)
+            n = int(count)  # the one host sync per step
+            new, path = committed[:n].tolist(), path[:n].tolist()
+            stats.target_forwards += 1
+            stats.draft_forwards += len(self.tree.expand) if self.draft is not None else 0
+            stats.accepted[n - 1] += 1
+            for node in path:
+                stats.node_hits[node] += 1
+            new = new[: max_new_tokens - len(out)]
+            stop = next((i for i, tok in enumerate(new) if tok in eos), None)
+            new = new if stop is None else new[: stop + 1]
+            out += new
+            if on_tokens is not None:
+                on_tokens(new)
+            if stop is not None:
+                break
+        stats.new_tokens = len(out)
+        stats.time_s["other"] = time.perf_counter() - t0 - sum(stats.time_s.values())
+        return Result(out, stats)

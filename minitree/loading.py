@@ -1,0 +1,130 @@
+"""Checkpoint -> Transformer: a local directory (config.json + safetensors, sharded or not), a
+GGUF file, or a Hugging Face hub id. Weights are built on the meta device and assigned from
+memory-mapped safetensors, so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, from_hf_config
+from .model import Transformer
+
+
+class LoadError(ValueError):
+    """A checkpoint minitree cannot load (message is meant for users)."""
+
+
+def resolve(checkpoint: str | Path) -> Path:
+    """A local checkpoint directory for `checkpoint` (a path, or a hub id downloaded when reachable)."""
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        return path
+    name = str(checkpoint)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise LoadError(f"checkpoint {name} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # the hub client raises many types; all mean "not available here"
+        raise LoadError(f"{name} is not a local path and could not be downloaded from the Hugging Face hub "
+                        f"({type(e).__name__}); is the hub reachable?") from None
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors files in {path}")
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for name in sf.keys():
+                    tensors[name] = sf.get_tensor(name)
+        except Exception as e:
+            raise LoadError(f"{f} is not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def load_state(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
+    """Assign `tensors` (HF names) to a meta-device `model`, checking every name and shape."""
+    if model.args.tie_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    expected = dict(model.named_parameters())
+    for name, param in expected.items():
+        if name not in tensors:
+            raise LoadError(f"tensor {name} is missing from the checkpoint")
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise LoadError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+    state = {name: tensors[name].to(device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+
+
+def load(checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         tokenizer: bool = True) -> Transformer:
+    """Load a Llama-family checkpoint. The tokenizer (or None) is attached as `model.tokenizer`."""
+    path = resolve(checkpoint)
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+        return _load_gguf(path, dtype, device, tokenizer)
+    config = path / "config.json"
+    if not config.exists():
+        raise LoadError(f"{path} has no config.json (expected a Hugging Face checkpoint directory or a .gguf file)")
+    try:
+        args = from_hf_config(json.loads(config.read_text()))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise LoadError(f"{config} is not a usable model config ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_state(model, _state_dict(path), dtype, device)
+    model.eval().requires_grad_(False)
+    model.tokenizer = load_tokenizer(path) if tokenizer else None
+    return model
+
+
+def gguf_file(path: Path) -> Path:
+    """The .gguf file at `path` (a file, or a directory holding exactly one)."""
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.gguf"))
+    if len(files) != 1:
+        raise LoadError(f"{path} holds {len(files)} .gguf files; name the one to load")
+    return files[0]
+
+
+def hf_from_gguf(path: Path, dtype: torch.dtype):
+    """(transformers model, tokenizer) dequantized from a GGUF file by transformers' own reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    file = gguf_file(path)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except Exception as e:
+        raise LoadError(f"{file} could not be read as a GGUF model ({type(e).__name__}: {e})") from None
+    return hf, tok
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device, tokenizer: bool) -> Transformer:
+    hf, tok = hf_from_gguf(path, dtype)
+    cfg = hf.config.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [type(hf).__name__]
+    with torch.device("meta"):
+        model = Transformer(from_hf_config(cfg))
+    load_state(model, dict(hf.state_dict()), dtype, device)
+    model.eval().requires_grad_(False)
+    model.tokenizer = tok if tokenizer else None
+    return model
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None when it ships none."""
+    if not any(path.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["load", "LoadError", "ConfigError", "resolve", "load_state", "load_tokenizer"]
