@@ -1,0 +1,133 @@
+"""The Llama-family model against transformers, loading, and plain compiled decoding."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import minitree
+from minitree.attention import NO_TREE, block_mask, dense_mask
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def causal(model, ids, start, flex=False):
+    """Our model's logits for ids at slots start.. (the cache holds everything before)."""
+    slots = torch.arange(start, start + len(ids))
+    make = block_mask if flex else dense_mask
+    mask = make(slots, torch.zeros_like(slots), torch.tensor(NO_TREE), torch.ones(1, dtype=torch.long),
+                model.cache_len)
+    return model(ids, slots, slots, mask)
+
+
+@pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family_dirs, family, flex):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
+    model = minitree.load(family_dirs[family])
+    model.setup_cache(256)
+    ids = torch.randint(0, hf.config.vocab_size, (40 + 16,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+        ours = causal(model, ids[:40], 0, flex)  # prefill of 40 tokens
+        assert (ours - ref[:40]).abs().max() <= 1e-4
+        for t in range(40, 56):  # 16 cached decode steps, one token each
+            step = causal(model, ids[t:t + 1], t, flex)
+            assert (step[0] - ref[t]).abs().max() <= 1e-4, f"decode step {t}"
+
+
+@pytest.fixture(scope="session")
+def plain_engines(family_dirs):
+    return {f: minitree.Engine(minitree.load(family_dirs[f]), max_seq_len=256) for f in FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_greedy_equals_transformers_generate(family_dirs, plain_engines, family):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
+    prompt = torch.randint(0, hf.config.vocab_size, (21,), generator=torch.Generator().manual_seed(1))
+    ref = hf.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40)[0, 21:].tolist()
+    assert plain_engines[family].generate(prompt.tolist(), 40).tokens == ref
+
+
+@pytest.mark.slow
+def test_plain_decode_never_recompiles(plain_engines):
+    engine = plain_engines["llama"]
+    prompt = list(range(1, 30))
+    warm = engine.generate(prompt, 4).tokens
+    torch._dynamo.config.error_on_recompile = True
+    try:  # a different prompt length, then a long decode across several 128-slot blocks
+        tokens = engine.generate(list(range(3, 100)), 150).tokens
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert len(tokens) == 150 and len(warm) == 4
+
+
+def test_sampled_plain_decoding_is_seeded(family_dirs):
+    engine = minitree.Engine(minitree.load(family_dirs["qwen3"]), max_seq_len=256, compile=False,
+                             attention="sdpa")
+    s = minitree.Sampling(temperature=1.0, top_k=50, top_p=0.9)
+    a, b, c = (engine.generate([1, 2, 3], 24, s, seed=seed).tokens for seed in (7, 7, 8))
+    assert a == b and a != c
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: one clear error naming the problem.
+
+def test_missing_config(tmp_path):
+    with pytest.raises(minitree.LoadError, match="no config.json"):
+        minitree.load(tmp_path)
+
+
+def test_missing_path():
+    with pytest.raises(minitree.LoadError, match="does not exist"):
+        minitree.load("/nonexistent/checkpoint")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(minitree.ConfigError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        minitree.load(tmp_path)
+
+
+def _copy_with(src, dst, edit):
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+
+
+def test_missing_tensor(family_dirs, tmp_path):
+    _copy_with(family_dirs["llama"], tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(minitree.LoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        minitree.load(tmp_path / "m")
+
+
+def test_misshaped_tensor(family_dirs, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+    _copy_with(family_dirs["llama"], tmp_path / "m", edit)
+    with pytest.raises(minitree.LoadError, match=r"k_proj\.weight has shape \(31, 64\), expected \(32, 64\)"):
+        minitree.load(tmp_path / "m")
+
+
+def test_corrupt_safetensors(family_dirs, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((family_dirs["llama"] / "config.json").read_text())
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(minitree.LoadError, match="not a readable safetensors file"):
+        minitree.load(tmp_path / "m")
+
+
+def test_prompt_longer_than_context(family_dirs):
+    engine = minitree.Engine(minitree.load(family_dirs["llama"]), max_seq_len=64, compile=False)
+    with pytest.raises(minitree.EngineError, match="prompt has 80 tokens; the context holds 64"):
+        engine.generate(list(range(80)), 4)
+
+
+def test_unreachable_hub_id():
+    with pytest.raises(minitree.LoadError, match="could not be downloaded"):
+        minitree.load("no-such-org/no-such-model")

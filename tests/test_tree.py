@@ -1,0 +1,201 @@
+"""Trees, tree attention, and lossless greedy tree decoding."""
+
+import pytest
+import torch
+
+import minitree
+from minitree.attention import BLOCK, block_mask, dense_mask
+from minitree.tree import MAX_NODES
+
+PATH_LIST = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]"
+TREES = ["1", "1,1,1,1", "2,2,1", "3,1,1", "4,2", "2,2,2,2", PATH_LIST, "3,3,2,1"]
+
+
+# ----------------------------------------------------------------------------------------
+# Tree structure and parsing
+
+def test_branching_tree_structure():
+    t = minitree.Tree.parse("2,2,1")
+    assert t.n == 11 and t.max_depth == 3
+    assert t.parents.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6]
+    assert t.depth.tolist() == [0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert t.paths[9].tolist() == [0, 2, 5, 9]
+    assert t.children[1].tolist() == [3, 4] and t.children[7].tolist() == [-1, -1]
+    for i in range(t.n):  # anc: i itself and its parent chain, nothing else
+        chain, j = {i}, i
+        while j:
+            j = int(t.parents[j])
+            chain.add(j)
+        assert set(torch.nonzero(t.anc[i]).flatten().tolist()) == chain
+        assert int(t.anc_bits[i]) == sum(1 << j for j in chain)
+
+
+def test_path_list_tree_is_non_uniform(tmp_path):
+    t = minitree.Tree.parse(PATH_LIST)
+    assert t.n == 11 and t.max_depth == 4
+    assert [len(e) for e in t.expand] == [1, 2, 2, 1]  # only nodes with children are expanded
+    (tmp_path / "tree.json").write_text("[[0], [1], [0, 0]]")
+    assert minitree.Tree.parse(tmp_path / "tree.json").parents.tolist() == [0, 0, 0, 1]
+    assert minitree.Tree.parse([(0,), (0, 0)]).max_depth == 2
+    assert "1 [0]" in t.draw() and "Tree(" in repr(t)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty"), ("2,,1", "empty level"), ("0", ">= 1"), ("-1", ">= 1"), ("a", "not an integer"),
+    ("2.5", "not an integer"), ("[(0,), (1, 0)]", r"no parent path \(1,\)"),
+    ("[(0,), (2,)]", "lower-ranked sibling"), ("[(0,), (0,)]", "duplicate"), ("[]", "empty"),
+    ("[(0,), (-1,)]", "negative"), ("[[0], 'x']", "list of paths"), ("[(", "neither JSON"),
+    ("8,8", f"at most {MAX_NODES - 1}"), ("64", f"at most {MAX_NODES - 1}"),
+])
+def test_malformed_trees(spec, message):
+    with pytest.raises(minitree.TreeError, match=message):
+        minitree.Tree.parse(spec)
+
+
+# ----------------------------------------------------------------------------------------
+# Tree attention
+
+@pytest.mark.parametrize("base", [0, 5, 120, 127, 128, 250])
+@pytest.mark.parametrize("spec", ["2,2,1", "4,2", PATH_LIST])
+def test_block_mask_matches_dense_rule(spec, base):
+    """Expanding the BlockMask (full blocks all true, partial blocks by mask_mod, the rest
+    false) gives the dense rule exactly, and tree nodes never sit in full blocks."""
+    t = minitree.Tree.parse(spec)
+    S = 512
+    nodes = torch.arange(t.n)
+    q_slot, b = torch.tensor(base) + nodes, torch.tensor(base)
+    bm = block_mask(q_slot, nodes, b, t.anc_bits, S)
+    dense = dense_mask(q_slot, nodes, b, t.anc_bits, S)
+    partial = bm.to_dense()[0, 0, 0]  # [kv blocks], block-level: full or partial
+    n_full = int(bm.full_kv_num_blocks[0, 0, 0])
+    full = torch.zeros_like(partial)
+    full[bm.full_kv_indices[0, 0, 0, :n_full].long()] = 1
+    partial = partial - full
+    expanded = full.repeat_interleave(BLOCK).bool()[None] | (partial.repeat_interleave(BLOCK).bool()[None] & dense)
+    assert torch.equal(expanded, dense)
+    assert not full.repeat_interleave(BLOCK)[base:base + t.n].any()
+    # the dense rule itself: the prefix, plus self and ancestors
+    ref = torch.zeros(t.n, S, dtype=torch.bool)
+    ref[:, :base] = True
+    ref[:, base:base + t.n] = t.anc
+    assert torch.equal(dense, ref)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("base", [30, 125])
+def test_tree_attention_equals_per_path_attention(pair, attention, base):
+    """Each node's verify logits equal a plain causal forward over prefix + its own path."""
+    target, _ = pair
+    tree = minitree.Tree.parse("3,2,2")
+    engine = minitree.Engine(target, compile=False, attention=attention, max_seq_len=256)
+    g = torch.Generator().manual_seed(base)
+    prefix = torch.randint(0, 256, (base + 1,), generator=g).tolist()
+    tokens = torch.randint(0, 256, (tree.n,), generator=g)
+    tokens[0] = prefix[-1]
+    engine.prefill(prefix)
+    from minitree.verify import verify
+    logits = verify(engine.runs[0], tree, tokens, torch.tensor(base))
+    for i in range(tree.n):
+        path = tokens[tree.paths[i][: int(tree.depth[i]) + 1]].tolist()
+        seq = prefix[:-1] + path
+        ref = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256)
+        ref.prefill(seq)  # caches seq[:-1]; then one plain step on seq[-1]
+        ref_logits = verify(ref.runs[0], ref.tree, torch.tensor(seq[-1:]), torch.tensor(len(seq) - 1))
+        assert (logits[i] - ref_logits[0]).abs().max() < 1e-4, f"node {i}"
+        engine.prefill(prefix)  # restore our cache (the reference engine shares the model)
+        logits = verify(engine.runs[0], tree, tokens, torch.tensor(base))
+
+
+# ----------------------------------------------------------------------------------------
+# Lossless greedy decoding
+
+PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(pair):
+    return minitree.Engine(pair[0], compile=False, attention="sdpa", max_seq_len=512).generate(PROMPT, 72).tokens
+
+
+@pytest.fixture(scope="module")
+def tree_runs(pair):
+    target, draft = pair
+    return {(spec, attn): minitree.Engine(target, draft, spec, compile=False, attention=attn,
+                                          max_seq_len=512).generate(PROMPT, 72)
+            for spec in TREES for attn in ("sdpa", "flex")}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("spec", TREES)
+def test_tree_greedy_equals_plain_greedy(tree_runs, plain_tokens, spec, attention):
+    result = tree_runs[spec, attention]
+    assert result.tokens == plain_tokens
+    hist = result.stats.accepted
+    assert 0 < sum(m * c for m, c in hist.items()) < minitree.Tree.parse(spec).max_depth * sum(hist.values()), \
+        "acceptance should be partial with a noisy draft"
+
+
+def test_acceptance_follows_non_first_rank_branches(tree_runs):
+    """A flat walk over the first-rank chain would never accept these nodes."""
+    hits = 0
+    for spec in TREES:
+        tree = minitree.Tree.parse(spec)
+        off_chain = [i for i in range(tree.n) if any(r > 0 for r in tree.node_paths[i])]
+        hits += sum(tree_runs[spec, "sdpa"].stats.node_hits[i] for i in off_chain)
+    assert hits > 0
+
+
+def test_blocks_crossed_during_decoding(tree_runs):
+    assert len(PROMPT) < BLOCK < len(PROMPT) + len(tree_runs["3,3,2,1", "flex"].tokens)
+
+
+@pytest.mark.parametrize("spec", ["1,1,1,1", "2,2,1", "3,1,1"])
+def test_draft_equal_to_target_accepts_every_depth(pair, spec):
+    target, _ = pair
+    engine = minitree.Engine(target, target, spec, compile=False, attention="sdpa", max_seq_len=512)
+    result = engine.generate(PROMPT, 40)
+    depth = minitree.Tree.parse(spec).max_depth
+    assert set(result.stats.accepted) == {depth}
+    assert result.stats.tau == depth + 1
+
+
+def test_compaction_leaves_the_plain_cache(pair):
+    """After tree decoding, the target's cache equals a plain prefill of the committed tokens."""
+    target, draft = pair
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
+    out = engine.generate(PROMPT, 50).tokens
+    L = int(engine.L)
+    committed = engine.seq[:L].tolist()
+    assert committed == PROMPT + out[: L - len(PROMPT)]
+    tree_cache = target.kv_cache[:, :, :, :, : L - 1].clone()
+    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=512)
+    plain.prefill(committed)
+    assert (target.kv_cache[:, :, :, :, : L - 1] - tree_cache).abs().max() <= 1e-5
+
+
+def test_eos_inside_accepted_path_stops_there(pair, plain_tokens):
+    target, draft = pair
+    eos = plain_tokens[10]
+    first = plain_tokens.index(eos)
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
+    assert engine.generate(PROMPT, 72, eos_token_ids=[eos]).tokens == plain_tokens[: first + 1]
+
+
+def test_draft_vocab_mismatch(pair, tmp_path):
+    from conftest import save_random
+    save_random(tmp_path / "small", "qwen2", vocab_size=128)
+    with pytest.raises(minitree.EngineError, match=r"draft vocabulary \(128 tokens\).*target's \(256 tokens\)"):
+        minitree.Engine(pair[0], minitree.load(tmp_path / "small"), "2,2,1")
+
+
+@pytest.mark.slow
+def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens):
+    target, draft = pair
+    engine = minitree.Engine(target, draft, "2,2,1", max_seq_len=512)
+    assert engine.generate(PROMPT, 72).tokens == plain_tokens  # warm-up: compiles every shape
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        result = engine.generate(PROMPT[:90], 200)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert result.stats.target_forwards >= 20 and len(result.tokens) == 200  # 90 -> 290: crosses 2 blocks
