@@ -27,6 +27,12 @@ def accept_greedy(tree: Tree, tokens: torch.Tensor, target_logits: torch.Tensor)
     return tree.paths[last], tree.depth[last], choice[last]
 
 
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(p - q, 0)): what is left of p once q's proposal was rejected."""
+    r = (p - q).clamp(min=0)
+    return r / r.sum().clamp(min=1e-30)
+
+
 def accept_sample(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
                   one_hot_draft: bool):
     """Recursive rejection sampling over siblings, without replacement.
@@ -57,11 +63,9 @@ def accept_sample(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Te
             valid = alive & ~moved & (child >= 0)
             ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
             rejected = valid & ~ok
-            residual = (res - q_i).clamp(min=0)
-            res = torch.where(rejected, residual / residual.sum().clamp(min=1e-30), res)
+            res = torch.where(rejected, residual(res, q_i), res)
             if not one_hot_draft:
-                q_next = qq.clone()
-                q_next[x] = 0
+                q_next = qq.index_fill(0, x.view(1), 0)  # the next draw excludes x
                 qq = torch.where(rejected, q_next / q_next.sum().clamp(min=1e-30), qq)
             moved = moved | ok
             nxt = torch.where(ok, child, nxt)

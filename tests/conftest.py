@@ -32,13 +32,16 @@ def hf_config(family: str, **overrides):
     raise ValueError(family)
 
 
-def save_random(path, family: str, seed: int = 0, noise_from=None, noise: float = 0.0, **overrides):
+def save_random(path, family: str, seed: int = 0, noise_from=None, noise: float = 0.0, head_scale: float = 1.0,
+                **overrides):
     """Save a random model of `family` to `path`; with noise_from, its weights are that
-    checkpoint's plus Gaussian noise (a draft that partly agrees with its target)."""
+    checkpoint's plus Gaussian noise (a draft that partly agrees with its target).
+    head_scale multiplies lm_head (sharper distributions than the tiny default init)."""
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
         if noise_from is not None:
             src = transformers.AutoModelForCausalLM.from_pretrained(noise_from).float()
             for p, q in zip(model.parameters(), src.parameters()):

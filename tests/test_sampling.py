@@ -1,0 +1,138 @@
+"""Lossless sampling: tree decoding at temperature > 0 samples exactly the target's distribution.
+
+The models here have no decoder layers (embedding -> norm -> lm_head), so the next-token
+distribution depends on the last token only: generated text is a Markov chain whose
+transition matrix is the target's processed distribution p(b | a), computable exactly.
+Every consecutive pair of tokens is one sample of a transition, so a few long generations
+give tens of thousands of samples, compared with p by a chi-square test over all
+transitions. The same test applied to deliberately wrong acceptance rules must fail.
+"""
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+import minitree
+import minitree.accept
+import minitree.engine
+from minitree.sampling import probs
+from conftest import save_random
+
+V = 32
+SAMPLES = 20_000
+RUN = 1000  # tokens per generate() call (keeps the dense masks small)
+T1 = minitree.Sampling(temperature=1.0)
+T07 = minitree.Sampling(temperature=0.7, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def markov_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("markov")
+    kw = dict(num_hidden_layers=0, vocab_size=V, tie_word_embeddings=False)
+    save_random(root / "target", "llama", seed=11, head_scale=10.0, **kw)
+    save_random(root / "draft", "llama", seed=12, noise_from=root / "target", noise=0.5, **kw)
+    return minitree.load(root / "target"), minitree.load(root / "draft")
+
+
+def transition_matrix(model, sampling):
+    model.setup_cache(128)
+    ids = torch.arange(V)
+    with torch.no_grad():
+        logits = model(ids, ids, ids, torch.ones(V, model.cache_len, dtype=torch.bool))
+    return probs(logits, sampling).double()  # [V, V]: p(b | a)
+
+
+def sample_transitions(target, draft, tree, sampling, one_hot=False, n=SAMPLES):
+    engine = minitree.Engine(target, draft, tree, compile=False, attention="sdpa", max_seq_len=RUN + 16)
+    counts, taus, seed = torch.zeros(V, V, dtype=torch.float64), [], 0
+    while counts.sum() < n:
+        prompt = [seed % V]
+        result = engine.generate(prompt, RUN, sampling, seed=seed, one_hot_draft=one_hot, eos_token_ids=[])
+        seq = torch.tensor(prompt + result.tokens)
+        counts.index_put_((seq[:-1], seq[1:]), torch.ones(len(seq) - 1, dtype=torch.float64), accumulate=True)
+        taus.append(result.stats.tau)
+        seed += 1
+    return counts, sum(taus) / len(taus)
+
+
+def chi_square_pvalue(counts, p):
+    """Pearson chi-square of transition counts against p(b | a); impossible transitions must not occur."""
+    assert counts[p == 0].sum() == 0, "sampled a token the target gives probability 0"
+    expected = counts.sum(1, keepdim=True) * p
+    cells = expected > 0
+    stat = ((counts - expected)[cells] ** 2 / expected[cells]).sum()
+    visited = counts.sum(1) > 0
+    df = int(((p > 0).sum(1) - 1)[visited].sum())
+    return float(chi2.sf(float(stat), df))
+
+
+CASES = [(tree, s, False) for tree in ("2,2,1", "3,1", "1,1,1") for s in (T1, T07)] + [("2,2,1", T07, True)]
+
+
+@pytest.mark.parametrize("tree, sampling, one_hot", CASES,
+                         ids=[f"{t}-T{s.temperature}-p{s.top_p}{'-topk' if o else ''}" for t, s, o in CASES])
+def test_tree_sampling_matches_target_distribution(markov_pair, tree, sampling, one_hot):
+    target, draft = markov_pair
+    counts, tau = sample_transitions(target, draft, tree, sampling, one_hot)
+    pvalue = chi_square_pvalue(counts, transition_matrix(target, sampling))
+    print(f"tree {tree} {sampling} one_hot={one_hot}: tau {tau:.3f}, p-value {pvalue:.3g}")
+    assert tau > 1.2, "the draft should be accepted often enough for the test to mean something"
+    assert pvalue > 1e-3
+
+
+def test_plain_sampling_matches_target_distribution(markov_pair):
+    counts, _ = sample_transitions(markov_pair[0], None, None, T07)
+    assert chi_square_pvalue(counts, transition_matrix(markov_pair[0], T07)) > 1e-3
+
+
+def test_negative_control_draft_softmax_for_top_k_drafts(markov_pair, monkeypatch):
+    """Top-k drafts verified as if they were draws from the draft softmax: biased, and caught."""
+    real = minitree.engine.accept_sample
+    monkeypatch.setattr(minitree.engine, "accept_sample", lambda *a: real(*a[:-1], False))
+    counts, _ = sample_transitions(*markov_pair, "2,2,1", T1, one_hot=True)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"negative control, draft softmax for top-k drafts: p-value {pvalue:.3g}")
+    assert pvalue < 1e-6
+
+
+def test_negative_control_no_residual_update(markov_pair, monkeypatch):
+    """Rejected siblings not removed from p: biased, and caught."""
+    monkeypatch.setattr(minitree.accept, "residual", lambda p, q: p)
+    counts, _ = sample_transitions(*markov_pair, "2,2,1", T1)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"negative control, no residual update: p-value {pvalue:.3g}")
+    assert pvalue < 1e-6
+
+
+def test_trees_accept_more_than_a_chain_of_the_same_depth(markov_pair):
+    _, tau_chain = sample_transitions(*markov_pair, "1,1,1", T1, n=5000)
+    _, tau_tree = sample_transitions(*markov_pair, "2,2,1", T1, n=5000)
+    _, tau_wide = sample_transitions(*markov_pair, "4,2,1", T1, n=5000)
+    print(f"tau at T=1: chain 1,1,1 {tau_chain:.3f}, tree 2,2,1 {tau_tree:.3f}, tree 4,2,1 {tau_wide:.3f}")
+    assert tau_chain + 0.1 < tau_tree < tau_wide
+
+
+def test_same_seed_same_output(pair):
+    target, draft = pair
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=256)
+    a, b, c = (engine.generate([5, 6, 7], 40, T07, seed=s).tokens for s in (1, 1, 2))
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0"), (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top-p must be in \(0, 1\]"), (dict(top_k=-1), "top-k must be an integer >= 0"),
+])
+def test_invalid_sampling_parameters(kwargs, message):
+    with pytest.raises(minitree.SamplingError, match=message):
+        minitree.Sampling(**kwargs)
+
+
+def test_top_k_top_p_processing():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    p = probs(logits, minitree.Sampling(temperature=1.0, top_k=3))
+    assert (p[0, 3:] == 0).all() and torch.allclose(p[0, :3], logits[0, :3].softmax(-1))
+    full = logits.softmax(-1)[0]
+    p = probs(logits, minitree.Sampling(temperature=1.0, top_p=0.9))
+    keep = int((full.cumsum(0) - full < 0.9).sum())  # smallest prefix reaching 0.9
+    assert (p[0, keep:] == 0).all() and (p[0, :keep] > 0).all()
