@@ -17,6 +17,8 @@ This module does not run attention; model.py does, with either mask form built h
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -69,3 +71,21 @@ def dense_mask(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, a
     q_idx = torch.arange(q_slot.numel(), device=q_slot.device)[:, None]
     kv_idx = torch.arange(cache_len, device=q_slot.device)[None, :]
     return tree_mask_mod(q_slot, q_node, base, anc_bits)(0, 0, q_idx, kv_idx)
+
+
+class TreeMask(NamedTuple):
+    """The mask rule's parameters, passed to the model's forward; each layer builds the actual
+    mask from them inside its compiled region (queries sit at their own write slots)."""
+    q_node: torch.Tensor  # [T] tree node of each query (0 for causal queries)
+    base: torch.Tensor  # [] slot of the tree root; NO_TREE for causal-by-slot
+    anc_bits: torch.Tensor  # [n] int64 ancestor bitmask per tree node
+    flex: bool = True  # FlexAttention BlockMask, or a dense bool mask for SDPA
+
+    def build(self, q_slot: torch.Tensor, cache_len: int):
+        make = block_mask if self.flex else dense_mask
+        return make(q_slot, self.q_node, self.base, self.anc_bits, cache_len)
+
+    @classmethod
+    def causal(cls, T: int, device, flex: bool = True) -> "TreeMask":
+        return cls(torch.zeros(T, dtype=torch.long, device=device), torch.tensor(NO_TREE, device=device),
+                   torch.ones(1, dtype=torch.long, device=device), flex)

@@ -1,9 +1,10 @@
 """The engine: prefill, then step() = draft -> verify -> accept -> compact, until done.
 
 Plain decoding is the same loop with a root-only tree and no draft. Every model forward
-goes through `masked_forward`, which builds the attention mask from tensors and runs the
-model; it is compiled once per (model, query length) with fullgraph=True and dynamic=False,
-so a steady-state decode never recompiles. The engine knows nothing about text: it takes
+gets its attention rule as tensors (attention.TreeMask); each decoder layer builds the mask
+from them inside its compiled region. Layers are compiled with fullgraph=True and
+dynamic=False, one graph per (model shape, query length), so a steady-state decode never
+recompiles. The engine knows nothing about text: it takes
 and returns token ids.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import BLOCK, NO_TREE, block_mask, dense_mask
+from .attention import BLOCK, TreeMask
 from .accept import accept_greedy, accept_sample
 from .draft import draft_tree
 from .kv import compact
@@ -36,9 +37,7 @@ class EngineError(ValueError):
 def masked_forward(model: Transformer, flex: bool, tokens, positions, slots, q_node, base, anc_bits,
                    logits: bool = True):
     """One forward of `model` over tokens [T] at `slots`, under the tree mask (attention.py)."""
-    make = block_mask if flex else dense_mask
-    mask = make(slots, q_node, base, anc_bits, model.cache_len)
-    return model(tokens, positions, slots, mask, logits)
+    return model(tokens, positions, slots, TreeMask(q_node, base, anc_bits, flex), logits)
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,8 +109,8 @@ class Engine:
         self.runs = []
         for m in self.models:
             m.setup_cache(cache_len)
-            fn = functools.partial(masked_forward, m, attention == "flex")
-            self.runs.append(torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn)
+            m.compile_layers(compile)
+            self.runs.append(functools.partial(masked_forward, m, attention == "flex"))
         self.seq = torch.zeros(cache_len, dtype=torch.long, device=self.device)  # committed tokens
         self.L = torch.zeros((), dtype=torch.long, device=self.device)  # how many
 
@@ -123,13 +122,12 @@ class Engine:
         self.seq.zero_()
         self.seq[: len(prompt)] = ids
         self.L.fill_(len(prompt))
-        no_tree = torch.tensor(NO_TREE, device=dev)
-        ones = torch.ones(1, dtype=torch.long, device=dev)
+        causal = TreeMask.causal(C, dev)
         for start in range(0, len(prompt) - 1, C):
             slots = torch.arange(start, start + C, device=dev)
             chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, never visible
             for run in self.runs:
-                run(chunk, slots, slots, torch.zeros_like(slots), no_tree, ones, logits=False)
+                run(chunk, slots, slots, *causal[:3], logits=False)
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
         """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path)."""

@@ -3,8 +3,10 @@
 Batch size 1. `forward(tokens, positions, slots, mask)` keeps two indices apart:
 `positions` feed RoPE (a tree node's position is prefix + depth), `slots` say where in the
 static KV cache each token's keys and values are written (a tree node's slot is prefix +
-its flat index). `mask` is a FlexAttention BlockMask or a dense bool [T, S] tensor (the
-SDPA reference); see attention.py. Module and parameter names follow Hugging Face's, so a
+its flat index). `mask` holds the tensors of the attention rule (attention.TreeMask); each
+layer turns it into a FlexAttention BlockMask or a dense SDPA mask. `compile_layers()`
+compiles one decoder layer function shared by all layers (regional compilation: one
+graph per query length, reused by every layer, instead of one graph for the whole model). Module and parameter names follow Hugging Face's, so a
 checkpoint's state dict loads without renaming (HF stores q/k already permuted for its
 rotate-half RoPE, which is the RoPE used here).
 """
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .attention import TreeMask
 from .config import ModelArgs
 
 
@@ -116,6 +119,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask, cache_len: int):
+    return layer(x, cos, sin, slots, kv_cache, mask.build(slots, cache_len))
+
+
+COMPILED_RUN_LAYER = torch.compile(run_layer, fullgraph=True, dynamic=False)
+
+
 class Backbone(nn.Module):
     """HF's `model.*` submodule: embeddings, layers, final norm."""
 
@@ -133,6 +143,11 @@ class Transformer(nn.Module):
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_len = 0
+        self.run_layer = run_layer
+
+    def compile_layers(self, enabled: bool = True) -> None:
+        """Run the layers through one compiled layer function (fullgraph, static shapes), or eagerly."""
+        self.run_layer = COMPILED_RUN_LAYER if enabled else run_layer
 
     def setup_cache(self, cache_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate the static KV cache [layers, 2, 1, H_kv, cache_len, D] and the RoPE table."""
@@ -142,15 +157,15 @@ class Transformer(nn.Module):
                                                      dtype=dtype or w.dtype, device=w.device), persistent=False)
         self.register_buffer("inv_freq", rope_frequencies(a).to(w.device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                mask: BlockMask | torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: TreeMask,
+                logits: bool = True) -> torch.Tensor | None:
         """tokens, positions, slots [T] -> logits [T, vocab] in fp32 (None when logits=False)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         freqs = torch.cat((freqs, freqs), dim=-1)
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(tokens)[None]  # [1, T, dim]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, slots, self.kv_cache[i], mask)
+            x = self.run_layer(layer, x, cos, sin, slots, self.kv_cache[i], mask, self.cache_len)
         if not logits:
             return None
         return self.lm_head(self.model.norm(x[0])).float()

@@ -61,12 +61,26 @@ def _saved(path, family, **kw):
     return path
 
 
+def save_tokenizer(path, vocab_size: int = VOCAB, shift: int = 0):
+    """A byte-level BPE tokenizer without merges: one token per byte (ids rotated by `shift`),
+    the shape of the Qwen2 tokenizer that AutoTokenizer picks for these checkpoints."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: (i + shift) % vocab_size for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def pair_dirs(tmp_path_factory):
-    """A Qwen2-style target and a draft that is the target plus noise."""
+    """A Qwen2-style target and a draft that is the target plus noise, with a shared tokenizer."""
     root = tmp_path_factory.mktemp("pair")
     save_random(root / "target", "qwen2", seed=1, tie_word_embeddings=False)
     save_random(root / "draft", "qwen2", seed=2, noise_from=root / "target", noise=0.3, tie_word_embeddings=False)
+    for name in ("target", "draft"):
+        save_tokenizer(root / name)
     return root / "target", root / "draft"
 
 

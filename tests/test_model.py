@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import minitree
-from minitree.attention import NO_TREE, block_mask, dense_mask
+from minitree.attention import TreeMask
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -16,10 +16,7 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 def causal(model, ids, start, flex=False):
     """Our model's logits for ids at slots start.. (the cache holds everything before)."""
     slots = torch.arange(start, start + len(ids))
-    make = block_mask if flex else dense_mask
-    mask = make(slots, torch.zeros_like(slots), torch.tensor(NO_TREE), torch.ones(1, dtype=torch.long),
-                model.cache_len)
-    return model(ids, slots, slots, mask)
+    return model(ids, slots, slots, TreeMask.causal(len(ids), "cpu", flex))
 
 
 @pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])

@@ -15,6 +15,7 @@ from scipy.stats import chi2
 import minitree
 import minitree.accept
 import minitree.engine
+from minitree.attention import TreeMask
 from minitree.sampling import probs
 from conftest import save_random
 
@@ -38,7 +39,7 @@ def transition_matrix(model, sampling):
     model.setup_cache(128)
     ids = torch.arange(V)
     with torch.no_grad():
-        logits = model(ids, ids, ids, torch.ones(V, model.cache_len, dtype=torch.bool))
+        logits = model(ids, ids, ids, TreeMask.causal(V, "cpu", flex=False))  # no layers: no attention
     return probs(logits, sampling).double()  # [V, V]: p(b | a)
 
 

