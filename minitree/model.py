@@ -160,6 +160,13 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: TreeMask,
                 logits: bool = True) -> torch.Tensor | None:
         """tokens, positions, slots [T] -> logits [T, vocab] in fp32 (None when logits=False)."""
+        if tokens.numel() == 1:
+            # One query runs twice: on CPU, bf16 GEMMs with one row take another kernel (slower,
+            # and rounding differently), while every M >= 2 gives bit-identical rows. So plain
+            # decoding rounds exactly like a tree verify pass of the same tokens.
+            twice = self(tokens.repeat(2), positions.repeat(2), slots.repeat(2),
+                         mask._replace(q_node=mask.q_node.repeat(2)), logits)
+            return None if twice is None else twice[:1]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         freqs = torch.cat((freqs, freqs), dim=-1)
         cos, sin = freqs.cos(), freqs.sin()
