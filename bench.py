@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import minitree
+from generate import cheapen_draft
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
@@ -208,7 +209,7 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------------------
 def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max_new_tokens: int, systems: str | None,
          temperature: float, seed: int, dtype: str, threads: int | None, max_seq_len: int, no_compile: bool,
-         out: Path | None) -> int:
+         draft_int8: bool, draft_vocab: int, out: Path | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
@@ -217,6 +218,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
     draft_dir = fetch(draft_name) if draft_name in minitree.fetch.MODELS else Path(draft_name)
     target = minitree.load(target_dir, dtype=torch_dtype)
     drafter = minitree.load(draft_dir, dtype=torch_dtype, tokenizer=False)
+    cheapen_draft(drafter, draft_int8, draft_vocab, "cpu")
     tok = target.tokenizer
     names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed)
@@ -264,6 +266,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
                 machine=f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".strip(),
                 torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, temperature=temperature,
                 max_new_tokens=max_new_tokens, prompts_per_set=prompts, target=str(target_dir.name),
+                draft_int8=draft_int8, draft_vocab=draft_vocab,
                 draft=str(draft_dir.name), warmup_s=warm)
     header = (f"{meta['target']} + {meta['draft']}, {dtype}, {meta['threads']} threads, {prompts} prompts, "
               f"{max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
@@ -292,6 +295,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="(default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="run minitree eagerly")
+    p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="minitree's draft layers in int8 (lossless: the draft only proposes; default: on)")
+    p.add_argument("--draft-vocab", type=int, default=0, help="minitree's draft proposes only ids below N (0: all)")
     p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
     return p.parse_args(argv)
 

@@ -39,6 +39,14 @@ def encode(tokenizer, prompt: str, chat: bool, history: list | None = None) -> l
     return tokenizer(prompt).input_ids
 
 
+def cheapen_draft(drafter, int8: bool | None, vocab: int, device: str) -> None:
+    """Make the draft cheaper without changing the output (minitree.quant)."""
+    if int8 if int8 is not None else torch.device(device).type == "cpu":
+        minitree.quantize_int8(drafter)
+    if vocab:
+        minitree.restrict_vocab(drafter, vocab)
+
+
 class Streamer:
     """Prints text as tokens are committed (decoding the whole answer, printing the new suffix)."""
 
@@ -77,7 +85,7 @@ def summary(result: minitree.Result, tree: minitree.Tree, compile_s: float, tree
 def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | None, prompt_file: Path | None,
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
          dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
-         deterministic_draft: bool, demo: bool = False) -> int:
+         deterministic_draft: bool, draft_int8: bool | None, draft_vocab: int, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
     if checkpoint is None:
         checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
@@ -88,6 +96,8 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     torch_dtype = getattr(torch, dtype)
     target = load_model(checkpoint, torch_dtype, device)
     drafter = load_model(draft, torch_dtype, device) if use_tree else None
+    if drafter is not None:
+        cheapen_draft(drafter, draft_int8, draft_vocab, device)
     tok = target.tokenizer
     if tok is None:
         raise minitree.LoadError(f"{checkpoint} has no tokenizer")
@@ -167,6 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--deterministic-draft", action="store_true",
                    help="when sampling, draft the top-k tokens instead of drawing them (still lossless)")
+    p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8 weight-only draft layers (default: on for CPU); the output does not change")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="the draft proposes only token ids below N (0: all); the output does not change")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="(default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import EngineError
 from .model import Transformer
 
 
@@ -51,7 +52,7 @@ def quantize_int8(model: Transformer) -> Transformer:
 def restrict_vocab(model: Transformer, k: int) -> Transformer:
     """Compute logits only for token ids < k (in place); the rest are -inf."""
     if not 0 < k <= model.args.vocab_size:
-        raise ValueError(f"draft vocabulary subset must be in 1..{model.args.vocab_size}, got {k}")
+        raise EngineError(f"draft vocabulary subset must be in 1..{model.args.vocab_size}, got {k}")
     head = nn.Linear(model.args.dim, k, bias=False, device=model.lm_head.weight.device,
                      dtype=model.lm_head.weight.dtype)
     head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
