@@ -128,3 +128,14 @@ def test_prompt_longer_than_context(family_dirs):
 def test_unreachable_hub_id():
     with pytest.raises(minitree.LoadError, match="could not be downloaded"):
         minitree.load("no-such-org/no-such-model")
+
+
+def test_sharded_checkpoint(family_dirs, tmp_path):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs["qwen3"])
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    model = minitree.load(tmp_path / "sharded")
+    model.setup_cache(128)
+    ids = torch.arange(20)
+    with torch.no_grad():
+        assert (causal(model, ids, 0) - hf(ids[None]).logits[0]).abs().max() <= 1e-4

@@ -146,3 +146,33 @@ def test_top_k_top_p_processing():
     p = probs(logits, minitree.Sampling(temperature=1.0, top_p=0.9))
     keep = int((full.cumsum(0) - full < 0.9).sum())  # smallest prefix reaching 0.9
     assert (p[0, keep:] == 0).all() and (p[0, :keep] > 0).all()
+
+
+def test_first_two_tokens_match_exact_enumeration(tmp_path):
+    """With attention (context matters): the joint law of the first two generated tokens from
+    tree decoding equals the target's, enumerated exactly by transformers."""
+    import transformers
+    kw = dict(num_hidden_layers=1, vocab_size=16, hidden_size=32, intermediate_size=64, tie_word_embeddings=False)
+    hf = save_random(tmp_path / "target", "qwen2", seed=21, head_scale=10.0, **kw)
+    save_random(tmp_path / "draft", "qwen2", seed=22, noise_from=tmp_path / "target", noise=0.5, **kw)
+    target, draft = minitree.load(tmp_path / "target"), minitree.load(tmp_path / "draft")
+    prompt = [3, 7, 1, 12]
+    with torch.no_grad():
+        seqs = torch.tensor([prompt + [x] for x in range(16)])
+        p1 = hf(torch.tensor([prompt])).logits[0, -1].double().softmax(-1)  # [16]
+        p2 = hf(seqs).logits[:, -1].double().softmax(-1)  # [16, 16]: p(x2 | x1)
+    joint = p1[:, None] * p2
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=32,
+                             prefill_chunk=8)
+    counts = torch.zeros(16, 16, dtype=torch.float64)
+    for seed in range(SAMPLES):
+        x1, x2 = engine.generate(prompt, 2, T1, seed=seed, eos_token_ids=[]).tokens
+        counts[x1, x2] += 1
+    expected = SAMPLES * joint
+    big = expected >= 5  # cells expecting fewer than 5 samples are pooled into one bin
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    pvalue = float(chi2.sf(stat, len(obs) - 1))
+    print(f"first two tokens, tree 2,2,1, 1-layer model: p-value {pvalue:.3g}")
+    assert pvalue > 1e-3
