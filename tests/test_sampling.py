@@ -148,10 +148,13 @@ def test_top_k_top_p_processing():
     assert (p[0, keep:] == 0).all() and (p[0, :keep] > 0).all()
 
 
-def test_first_two_tokens_match_exact_enumeration(tmp_path):
+@pytest.mark.parametrize("broken", [False, True], ids=["exact", "negative-control-no-residual"])
+def test_first_two_tokens_match_exact_enumeration(tmp_path, monkeypatch, broken):
     """With attention (context matters): the joint law of the first two generated tokens from
-    tree decoding equals the target's, enumerated exactly by transformers."""
-    import transformers
+    tree decoding equals the target's, enumerated exactly by transformers; with the residual
+    update skipped, the same test rejects it."""
+    if broken:
+        monkeypatch.setattr(minitree.accept, "residual", lambda p, q: p)
     kw = dict(num_hidden_layers=1, vocab_size=16, hidden_size=32, intermediate_size=64, tie_word_embeddings=False)
     hf = save_random(tmp_path / "target", "qwen2", seed=21, head_scale=10.0, **kw)
     save_random(tmp_path / "draft", "qwen2", seed=22, noise_from=tmp_path / "target", noise=0.5, **kw)
@@ -174,5 +177,5 @@ def test_first_two_tokens_match_exact_enumeration(tmp_path):
     exp = torch.cat([expected[big], expected[~big].sum().view(1)])
     stat = float(((obs - exp) ** 2 / exp).sum())
     pvalue = float(chi2.sf(stat, len(obs) - 1))
-    print(f"first two tokens, tree 2,2,1, 1-layer model: p-value {pvalue:.3g}")
-    assert pvalue > 1e-3
+    print(f"first two tokens, tree 2,2,1, 1-layer model, broken={broken}: p-value {pvalue:.3g}")
+    assert pvalue < 1e-6 if broken else pvalue > 1e-3
