@@ -30,7 +30,7 @@ import torch
 
 import minitree
 from generate import cheapen_draft
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, fetch
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = ["1", "1,1,1", "1,1,1,1,1"]
@@ -213,22 +213,20 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    target_dir = fetch(checkpoint or DEFAULT_TARGET) if (checkpoint or DEFAULT_TARGET) in minitree.fetch.MODELS else Path(checkpoint)
-    draft_name = draft or DEFAULT_DRAFT
-    draft_dir = fetch(draft_name) if draft_name in minitree.fetch.MODELS else Path(draft_name)
+    target_dir, draft_dir = (fetch(n) if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
+                                                                            draft or DEFAULT_DRAFT))
     target = minitree.load(target_dir, dtype=torch_dtype)
     drafter = minitree.load(draft_dir, dtype=torch_dtype, tokenizer=False)
     cheapen_draft(drafter, draft_int8, draft_vocab, "cpu")
     tok = target.tokenizer
     names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed)
-    chosen = []
+    chosen, hf_target = [], None
     for name in names:
         if name == "plain":
             chosen.append(MinitreeSystem("plain", target, None, None, args))
         elif name in ("hf", "hf-assisted"):
-            hf_target = getattr(main, "hf_target", None) or load_hf(target_dir, torch_dtype)
-            main.hf_target = hf_target
+            hf_target = hf_target or load_hf(target_dir, torch_dtype)
             hf_draft = load_hf(draft_dir, torch_dtype) if name == "hf-assisted" else None
             chosen.append(HFSystem(name, hf_target, hf_draft, args))
         else:

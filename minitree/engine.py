@@ -26,6 +26,8 @@ from .sampling import Sampling, probs
 from .tree import Tree
 from .verify import verify
 
+# The shared layer function gets one graph per (model shape, query length); a bench run with
+# several trees needs more than Dynamo's default of 8 before it would silently run eagerly.
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
 
