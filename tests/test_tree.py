@@ -209,3 +209,11 @@ def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     result = engine.generate(PROMPT, 72)
     assert result.tokens == plain_tokens
     assert result.stats.tau > 1.2
+
+
+def test_one_token_prompt(pair):
+    """The catch-up window of the first draft level has no previous token to recompute."""
+    target, draft = pair
+    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=128).generate([17], 24).tokens
+    tree = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=128)
+    assert tree.generate([17], 24).tokens == plain
