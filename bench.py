@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import minitree
-from generate import cheapen_draft
+from generate import cheapen_draft, encode
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
@@ -235,8 +235,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
     encoded = {}
     for ps in prompt_sets:
         texts = load_prompts(ps, prompts)
-        encoded[ps] = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=False), add_special_tokens=False).input_ids for t in texts]
+        encoded[ps] = [encode(tok, t, chat=True) for t in texts]
     from rich.progress import Progress
     with Progress(transient=True) as progress:
         task = progress.add_task("warm-up (compiling every shape)", total=len(chosen))

@@ -129,7 +129,7 @@ class Engine:
             slots = torch.arange(start, start + C, device=dev)
             chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, never visible
             for run in self.runs:
-                run(chunk, slots, slots, *causal[:3], logits=False)
+                run(chunk, slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
         """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path)."""

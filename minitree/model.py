@@ -6,8 +6,9 @@ static KV cache each token's keys and values are written (a tree node's slot is 
 its flat index). `mask` holds the tensors of the attention rule (attention.TreeMask); each
 layer turns it into a FlexAttention BlockMask or a dense SDPA mask. `compile_layers()`
 compiles one decoder layer function shared by all layers (regional compilation: one
-graph per query length, reused by every layer, instead of one graph for the whole model). Module and parameter names follow Hugging Face's, so a
-checkpoint's state dict loads without renaming (HF stores q/k already permuted for its
+graph per query length, reused by every layer, instead of one graph for the whole model).
+Module and parameter names follow Hugging Face's, so a checkpoint's state dict loads
+without renaming (HF stores q/k already permuted for its
 rotate-half RoPE, which is the RoPE used here).
 """
 

@@ -53,8 +53,6 @@ def restrict_vocab(model: Transformer, k: int) -> Transformer:
     """Compute logits only for token ids < k (in place); the rest are -inf."""
     if not 0 < k <= model.args.vocab_size:
         raise EngineError(f"draft vocabulary subset must be in 1..{model.args.vocab_size}, got {k}")
-    head = nn.Linear(model.args.dim, k, bias=False, device=model.lm_head.weight.device,
-                     dtype=model.lm_head.weight.dtype)
-    head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
-    model.lm_head = head
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
+    model.lm_head.out_features = k
     return model
