@@ -41,10 +41,10 @@ def encode(tokenizer, prompt: str, chat: bool, history: list | None = None) -> l
 
 def cheapen_draft(drafter, int8: bool | None, vocab: int, device: str) -> None:
     """Make the draft cheaper without changing the output (minitree.quant)."""
-    if int8 if int8 is not None else torch.device(device).type == "cpu":
-        minitree.quantize_int8(drafter)
     if vocab:
         minitree.restrict_vocab(drafter, vocab)
+    if int8 if int8 is not None else torch.device(device).type == "cpu":
+        minitree.quantize_int8(drafter)
 
 
 class Streamer:

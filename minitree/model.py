@@ -124,6 +124,7 @@ def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask,
     return layer(x, cos, sin, slots, kv_cache, mask.build(slots, cache_len))
 
 
+MIN_ROWS = 4  # queries per forward, at least (see Transformer.forward)
 COMPILED_RUN_LAYER = torch.compile(run_layer, fullgraph=True, dynamic=False)
 
 
@@ -161,13 +162,17 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: TreeMask,
                 logits: bool = True) -> torch.Tensor | None:
         """tokens, positions, slots [T] -> logits [T, vocab] in fp32 (None when logits=False)."""
-        if tokens.numel() == 1:
-            # One query runs twice: on CPU, bf16 GEMMs with one row take another kernel (slower,
-            # and rounding differently), while every M >= 2 gives bit-identical rows. So plain
-            # decoding rounds exactly like a tree verify pass of the same tokens.
-            twice = self(tokens.repeat(2), positions.repeat(2), slots.repeat(2),
-                         mask._replace(q_node=mask.q_node.repeat(2)), logits)
-            return None if twice is None else twice[:1]
+        n = tokens.numel()
+        if n < MIN_ROWS:
+            # Short forwards are padded with copies of their first query (same token, slot and mask
+            # row, so the same cache write). On CPU, kernels round differently for fewer rows: a bf16
+            # GEMM with one row takes another kernel, and FlexAttention's rows differ below 4 queries,
+            # while every query count >= 4 gives bit-identical rows. So plain decoding and every
+            # draft or verify pass round alike, and bf16 tree decoding matches plain decoding.
+            pad = torch.cat([torch.arange(n, device=tokens.device),
+                             torch.zeros(MIN_ROWS - n, dtype=torch.long, device=tokens.device)])
+            out = self(tokens[pad], positions[pad], slots[pad], mask._replace(q_node=mask.q_node[pad]), logits)
+            return None if out is None else out[:n]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         freqs = torch.cat((freqs, freqs), dim=-1)
         cos, sin = freqs.cos(), freqs.sin()

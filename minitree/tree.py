@@ -6,9 +6,13 @@ of those 1) or as a path list in the vLLM `speculative_token_tree` / Medusa `cho
 r-th most likely token (greedy) or its r-th draw without replacement (sampling), so the
 children of a node must be ranks 0..k-1 without gaps.
 
-Nodes are numbered breadth-first (node 0 is the root, the last committed token), so every
-ancestor has a smaller index than its descendants. All structure is built once, here, as
-named tensors; nothing downstream computes indices from formulas.
+Node 0 is the root (the last committed token). Nodes 1..D are the all-rank-0 path, the
+draft's first choice at every depth, and the other nodes follow breadth-first, so every
+ancestor has a smaller index than its descendants. A node's index is also its cache slot
+offset during verify, so the first-choice path sits where plain decoding would put its
+tokens and is computed with bit-identical rounding (model.py's note on MIN_ROWS; off that
+path, keys at other slots are summed in another order). All structure is built once, here,
+as named tensors; nothing downstream computes indices from formulas.
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class Tree:
                 raise TreeError(f"tree path {p} has no parent path {p[:-1]}")
             if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in known:
                 raise TreeError(f"tree path {p} needs its lower-ranked sibling {p[:-1] + (p[-1] - 1,)}")
-        self.node_paths = [()] + sorted(paths, key=lambda p: (len(p), p))
+        first = [p for p in paths if not any(p)]  # the all-rank-0 path
+        self.node_paths = [()] + sorted(first, key=len) + sorted(set(paths) - set(first), key=lambda p: (len(p), p))
         self.name = name or str([p for p in self.node_paths[1:]])
         index = {p: i for i, p in enumerate(self.node_paths)}
         n = self.n = len(self.node_paths)

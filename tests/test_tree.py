@@ -5,6 +5,7 @@ import torch
 
 import minitree
 from minitree.attention import BLOCK, block_mask, dense_mask
+from minitree.quant import INT8_MAX_ROWS, Int8Linear
 from minitree.tree import MAX_NODES
 
 PATH_LIST = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]"
@@ -17,10 +18,12 @@ TREES = ["1", "1,1,1,1", "2,2,1", "3,1,1", "4,2", "2,2,2,2", PATH_LIST, "3,3,2,1
 def test_branching_tree_structure():
     t = minitree.Tree.parse("2,2,1")
     assert t.n == 11 and t.max_depth == 3
-    assert t.parents.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6]
-    assert t.depth.tolist() == [0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
-    assert t.paths[9].tolist() == [0, 2, 5, 9]
-    assert t.children[1].tolist() == [3, 4] and t.children[7].tolist() == [-1, -1]
+    # the first-choice path first (nodes 0..3 sit at slots base + depth), then breadth-first
+    assert t.node_paths[:4] == [(), (0,), (0, 0), (0, 0, 0)]
+    assert t.parents.tolist() == [0, 0, 1, 2, 0, 1, 4, 4, 5, 6, 7]
+    assert t.depth.tolist() == [0, 1, 2, 3, 1, 2, 2, 2, 3, 3, 3]
+    assert t.paths[9].tolist() == [0, 4, 6, 9]
+    assert t.children[1].tolist() == [2, 5] and t.children[3].tolist() == [-1, -1]
     for i in range(t.n):  # anc: i itself and its parent chain, nothing else
         chain, j = {i}, i
         while j:
@@ -35,7 +38,7 @@ def test_path_list_tree_is_non_uniform(tmp_path):
     assert t.n == 11 and t.max_depth == 4
     assert [len(e) for e in t.expand] == [1, 2, 2, 1]  # only nodes with children are expanded
     (tmp_path / "tree.json").write_text("[[0], [1], [0, 0]]")
-    assert minitree.Tree.parse(tmp_path / "tree.json").parents.tolist() == [0, 0, 0, 1]
+    assert minitree.Tree.parse(tmp_path / "tree.json").parents.tolist() == [0, 0, 1, 0]
     assert minitree.Tree.parse([(0,), (0, 0)]).max_depth == 2
     assert "1 [0]" in t.draw() and "Tree(" in repr(t)
 
@@ -204,11 +207,22 @@ def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens):
 def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     """An int8 draft with a restricted vocabulary proposes differently; the output is unchanged."""
     target = minitree.load(pair_dirs[0])
-    draft = minitree.restrict_vocab(minitree.quantize_int8(minitree.load(pair_dirs[1])), 128)
+    draft = minitree.quantize_int8(minitree.restrict_vocab(minitree.load(pair_dirs[1]), 128))
+    assert isinstance(draft.lm_head, Int8Linear) and draft.lm_head.qweight.shape[0] == 128
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
     result = engine.generate(PROMPT, 72)
     assert result.tokens == plain_tokens
     assert result.stats.tau > 1.2
+
+
+def test_int8_copy_serves_few_rows_only():
+    linear = torch.nn.Linear(64, 32)
+    q = Int8Linear(linear)
+    for rows in (1, INT8_MAX_ROWS):  # the int8 kernel: close to the float weights, not equal
+        x = torch.randn(1, rows, 64)
+        assert not torch.equal(q(x), linear(x)) and torch.allclose(q(x), linear(x), atol=0.02)
+    x = torch.randn(1, INT8_MAX_ROWS + 1, 64)
+    assert torch.equal(q(x), linear(x))  # longer forwards keep the float weights
 
 
 def test_one_token_prompt(pair):
