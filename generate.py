@@ -85,7 +85,8 @@ def summary(result: minitree.Result, tree: minitree.Tree, compile_s: float, tree
 def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | None, prompt_file: Path | None,
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
          dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
-         deterministic_draft: bool, draft_int8: bool | None, draft_vocab: int, demo: bool = False) -> int:
+         deterministic_draft: bool, draft_int8: bool | None, draft_vocab: int, draft_cutoff: float,
+         demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
     if checkpoint is None:
         checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
@@ -107,7 +108,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     engine = minitree.Engine(target, drafter, tree_obj if use_tree else None, max_seq_len=max_seq_len,
-                             compile=compile, attention=attention)
+                             compile=compile, attention=attention, draft_cutoff=draft_cutoff)
 
     def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
         compile_s = 0.0
@@ -179,9 +180,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deterministic-draft", action="store_true",
                    help="when sampling, draft the top-k tokens instead of drawing them (still lossless)")
     p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=None,
-                   help="int8 weight-only draft layers (default: on for CPU); the output does not change")
+                   help="int8 copies of the draft's weights for its few-row forwards (default: on for CPU); "
+                        "the output does not change")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="the draft proposes only token ids below N (0: all); the output does not change")
+    p.add_argument("--draft-cutoff", type=float, default=0.0,
+                   help="stop drafting a step when no frontier node's draft confidence (product of draft "
+                        "probabilities along its path) reaches this (default: 0, off); the output does not change")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="(default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")

@@ -57,10 +57,11 @@ def accept_sample(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Te
         moved = torch.zeros((), dtype=torch.bool, device=p.device)
         for r in range(K):
             child = tree.children[cur, r]
-            x = tokens[child.clamp(min=0)]
+            token = tokens[child.clamp(min=0)]  # UNDRAFTED (< 0) below an early stop: no child
+            x = token.clamp(min=0)
             q_i = torch.nn.functional.one_hot(x, p.shape[-1]).to(p.dtype) if one_hot_draft else qq
             qx, px = q_i[x], res[x]
-            valid = alive & ~moved & (child >= 0)
+            valid = alive & ~moved & (child >= 0) & (token >= 0)
             ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
             rejected = valid & ~ok
             res = torch.where(rejected, residual(res, q_i), res)

@@ -45,21 +45,18 @@ def block_mask(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, a
                cache_len: int) -> BlockMask:
     """BlockMask for at most BLOCK queries over a cache of `cache_len` slots (a multiple of BLOCK).
 
-    Built from tensors only (no host sync), so it can live inside a compiled step. Blocks
-    entirely below both `base` and the lowest query slot are full (mask_mod skipped); the
-    blocks from there up to the highest query slot are partial, so tree nodes always go
-    through mask_mod.
+    Built from tensors only (no host sync), so it can live inside a compiled step. Every
+    block up to the highest query slot is partial (mask_mod applied), none is "full": on CPU
+    FlexAttention visits partial blocks before full ones, so a full/partial split that moves
+    with `base` would change the order in which a query's softmax is accumulated, and with
+    it the rounding. Ascending blocks for every query make a token's attention round the
+    same in plain decoding and in a tree verify (when its ancestors sit at the same slots).
     """
     n_blocks = cache_len // BLOCK
-    device = q_slot.device
-    visible_below = torch.minimum(base, q_slot.min() + 1)  # every query sees all slots < this
-    n_full = (visible_below // BLOCK).clamp(max=n_blocks).to(torch.int32)
-    n_partial = (q_slot.max() // BLOCK + 1).to(torch.int32) - n_full
-    blocks = torch.arange(n_blocks, device=device, dtype=torch.int32)
-    kv_indices = (blocks + n_full).clamp(max=n_blocks - 1)
+    blocks = torch.arange(n_blocks, device=q_slot.device, dtype=torch.int32)
+    n_partial = (q_slot.max() // BLOCK + 1).to(torch.int32)
     return BlockMask.from_kv_blocks(
-        n_partial.view(1, 1, 1), kv_indices.view(1, 1, 1, -1),
-        n_full.view(1, 1, 1), blocks.view(1, 1, 1, -1),
+        n_partial.view(1, 1, 1), blocks.view(1, 1, 1, -1),
         BLOCK_SIZE=BLOCK, mask_mod=tree_mask_mod(q_slot, q_node, base, anc_bits),
         seq_lengths=(q_slot.numel(), cache_len), compute_q_blocks=False,
     )

@@ -92,19 +92,22 @@ class Engine:
     """
 
     def __init__(self, target: Transformer, draft: Transformer | None = None, tree: "Tree | str | None" = None, *,
-                 max_seq_len: int = 2048, compile: bool = True, attention: str = "flex", prefill_chunk: int = 128):
+                 max_seq_len: int = 2048, compile: bool = True, attention: str = "flex", prefill_chunk: int = 128,
+                 draft_cutoff: float = 0.0):
         if attention not in ("flex", "sdpa"):
             raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
         if draft is not None and draft.args.vocab_size != target.args.vocab_size:
             raise EngineError(f"draft vocabulary ({draft.args.vocab_size} tokens) differs from the target's "
                               f"({target.args.vocab_size} tokens); they must share a tokenizer")
+        if not 0 <= draft_cutoff < 1:
+            raise EngineError(f"draft_cutoff must be in [0, 1), got {draft_cutoff}")
         if not 0 < prefill_chunk <= BLOCK:
             raise EngineError(f"prefill_chunk must be in 1..{BLOCK}")
         self.device = target.lm_head.weight.device
         self.target, self.draft = target, draft if tree is not None else None
         tree = Tree.parse(tree) if (tree is not None and draft is not None) else Tree([])
         self.tree = tree.to(self.device)
-        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        self.max_seq_len, self.prefill_chunk, self.draft_cutoff = max_seq_len, prefill_chunk, draft_cutoff
         pad = max(prefill_chunk, self.tree.n) + 1
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         self.models = [m for m in (target, self.draft) if m is not None]
@@ -132,16 +135,18 @@ class Engine:
                 run(chunk, slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
-        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path)."""
+        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path,
+        draft forwards run)."""
         tree, L = self.tree, self.L
         base = L - 1
         t = self._clock()
         if self.draft is not None:
-            tokens, q = draft_tree(self.runs[1], tree, self.seq, L, sampling, one_hot_draft, generator)
+            tokens, q, levels = draft_tree(self.runs[1], tree, self.seq, L, sampling, one_hot_draft, generator,
+                                           self.draft_cutoff)
         else:
-            tokens, q = self.seq[base].view(1), None
+            tokens, q, levels = self.seq[base].view(1), None, 0
         t = self._clock("draft", t)
-        logits = verify(self.runs[0], tree, tokens, base)
+        logits = verify(self.runs[0], tree, tokens.clamp(min=0), base)
         t = self._clock("verify", t)
         if sampling.greedy:
             path, n_acc, bonus = accept_greedy(tree, tokens, logits)
@@ -157,7 +162,7 @@ class Engine:
         self.seq.index_copy_(0, L + torch.arange(tree.max_depth + 1, device=self.device), out)
         self.L += n_acc + 1
         self._clock("compact", t)
-        return out, n_acc + 1, path
+        return out, n_acc + 1, path, levels
 
     def _clock(self, phase: str | None = None, since: float = 0.0) -> float:
         if self.device.type == "cuda":
@@ -194,11 +199,11 @@ class Engine:
         room = self.max_seq_len - self.tree.max_depth - 1
         t0 = time.perf_counter()
         while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-            committed, count, path = self.step(sampling, generator, one_hot_draft)
+            committed, count, path, levels = self.step(sampling, generator, one_hot_draft)
             n = int(count)  # the one host sync per step
             new, path = committed[:n].tolist(), path[:n].tolist()
             stats.target_forwards += 1
-            stats.draft_forwards += len(self.tree.expand) if self.draft is not None else 0
+            stats.draft_forwards += levels
             stats.accepted[n - 1] += 1
             for node in path:
                 stats.node_hits[node] += 1

@@ -45,8 +45,9 @@ def transition_matrix(model, sampling):
     return probs(logits, sampling).double()  # [V, V]: p(b | a)
 
 
-def sample_transitions(target, draft, tree, sampling, one_hot=False, n=SAMPLES):
-    engine = minitree.Engine(target, draft, tree, compile=False, attention="sdpa", max_seq_len=RUN + 16)
+def sample_transitions(target, draft, tree, sampling, one_hot=False, n=SAMPLES, cutoff=0.0, levels=None):
+    engine = minitree.Engine(target, draft, tree, compile=False, attention="sdpa", max_seq_len=RUN + 16,
+                             draft_cutoff=cutoff)
     counts, taus, seed = torch.zeros(V, V, dtype=torch.float64), [], 0
     while counts.sum() < n:
         prompt = [seed % V]
@@ -54,6 +55,8 @@ def sample_transitions(target, draft, tree, sampling, one_hot=False, n=SAMPLES):
         seq = torch.tensor(prompt + result.tokens)
         counts.index_put_((seq[:-1], seq[1:]), torch.ones(len(seq) - 1, dtype=torch.float64), accumulate=True)
         taus.append(result.stats.tau)
+        if levels is not None:
+            levels.append(result.stats.draft_forwards / result.stats.target_forwards)
         seed += 1
     return counts, sum(taus) / len(taus)
 
@@ -88,6 +91,16 @@ def test_restricted_vocab_draft_sampling_matches_target_distribution(markov_pair
     target, draft = markov_pair
     counts, _ = sample_transitions(target, minitree.restrict_vocab(copy.deepcopy(draft), V // 2), "2,2,1", T1)
     assert chi_square_pvalue(counts, transition_matrix(target, T1)) > 1e-3
+
+
+def test_early_stop_sampling_matches_target_distribution(markov_pair):
+    """Children below an early stop are never accepted; the bonus then comes from the residual."""
+    levels = []
+    counts, _ = sample_transitions(*markov_pair, "2,2,1,1", T1, cutoff=0.3, levels=levels)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"early stop at 0.3: {sum(levels) / len(levels):.2f} of 4 draft levels per step, p-value {pvalue:.3g}")
+    assert 1.2 < sum(levels) / len(levels) < 3.8
+    assert pvalue > 1e-3
 
 
 def test_plain_sampling_matches_target_distribution(markov_pair):

@@ -61,22 +61,19 @@ def test_malformed_trees(spec, message):
 @pytest.mark.parametrize("base", [0, 5, 120, 127, 128, 250])
 @pytest.mark.parametrize("spec", ["2,2,1", "4,2", PATH_LIST])
 def test_block_mask_matches_dense_rule(spec, base):
-    """Expanding the BlockMask (full blocks all true, partial blocks by mask_mod, the rest
-    false) gives the dense rule exactly, and tree nodes never sit in full blocks."""
+    """Expanding the BlockMask (partial blocks by mask_mod, the rest false) gives the dense
+    rule exactly; every block is partial and they are visited in ascending order."""
     t = minitree.Tree.parse(spec)
     S = 512
     nodes = torch.arange(t.n)
     q_slot, b = torch.tensor(base) + nodes, torch.tensor(base)
     bm = block_mask(q_slot, nodes, b, t.anc_bits, S)
     dense = dense_mask(q_slot, nodes, b, t.anc_bits, S)
-    partial = bm.to_dense()[0, 0, 0]  # [kv blocks], block-level: full or partial
-    n_full = int(bm.full_kv_num_blocks[0, 0, 0])
-    full = torch.zeros_like(partial)
-    full[bm.full_kv_indices[0, 0, 0, :n_full].long()] = 1
-    partial = partial - full
-    expanded = full.repeat_interleave(BLOCK).bool()[None] | (partial.repeat_interleave(BLOCK).bool()[None] & dense)
-    assert torch.equal(expanded, dense)
-    assert not full.repeat_interleave(BLOCK)[base:base + t.n].any()
+    assert bm.full_kv_num_blocks is None
+    n = int(bm.kv_num_blocks[0, 0, 0])
+    assert bm.kv_indices[0, 0, 0, :n].tolist() == list(range(n))
+    partial = bm.to_dense()[0, 0, 0]  # [kv blocks]
+    assert torch.equal(partial.repeat_interleave(BLOCK).bool()[None] & dense, dense)
     # the dense rule itself: the prefix, plus self and ancestors
     ref = torch.zeros(t.n, S, dtype=torch.bool)
     ref[:, :base] = True
@@ -213,6 +210,19 @@ def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     result = engine.generate(PROMPT, 72)
     assert result.tokens == plain_tokens
     assert result.stats.tau > 1.2
+
+
+@pytest.mark.parametrize("cutoff", [1e-4, 2e-3])  # the tiny draft is nearly flat over 256 tokens
+def test_early_stop_is_lossless(pair, plain_tokens, cutoff):
+    """Levels below an early stop are not drafted; their nodes are verified but never accepted."""
+    target, draft = pair
+    engine = minitree.Engine(target, draft, "2,2,1,1", compile=False, attention="sdpa", max_seq_len=512,
+                             draft_cutoff=cutoff)
+    result = engine.generate(PROMPT, 72)
+    assert result.tokens == plain_tokens
+    steps, levels = result.stats.target_forwards, len(engine.tree.expand)
+    print(f"cutoff {cutoff}: {result.stats.draft_forwards / steps:.2f} of {levels} levels per step")
+    assert steps < result.stats.draft_forwards < steps * levels  # stopped early sometimes, not always
 
 
 def test_int8_copy_serves_few_rows_only():
