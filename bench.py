@@ -33,7 +33,9 @@ import torch
 
 import minitree
 from generate import cheapen_draft, encode
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
+from minitree.config import from_hf_config
+from minitree.engine import Stats
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = ["1", "1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
@@ -104,16 +106,73 @@ class HFSystem:
         self.kwargs = dict(do_sample=not self.greedy) | ({} if self.greedy else dict(temperature=args.temperature))
 
     def __call__(self, ids: list[int], max_new: int):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.target.device)
         with torch.inference_mode():
             out = self.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
                                        assistant_model=self.draft, **self.kwargs)
         return out[0, len(ids):].tolist(), None
 
 
-def load_hf(path: Path, dtype):
+def load_hf(path: Path, dtype, device):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Step costs on random weights (--cost-only), combined with a measured acceptance profile
+
+def random_model(path: Path, dtype, device) -> minitree.Transformer:
+    """The architecture in path/config.json with random weights: what a step costs, nothing more."""
+    config = path / "config.json"
+    if not config.exists():
+        raise minitree.LoadError(f"--cost-only needs {config} (the architecture; the weights are random)")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = minitree.Transformer(from_hf_config(json.loads(config.read_text())))
+    model.to(dtype).eval().requires_grad_(False)
+    model.tokenizer = None
+    return model
+
+
+def step_costs(systems: list, prefix: int = 256, warmup: int = 3, repeats: int = 10) -> dict:
+    """Mean seconds per phase of one step of each minitree system, drafting every level (no early
+    stop), after a prefill of `prefix` random tokens; plus `draft_level`, one draft forward."""
+    costs = {}
+    for s in systems:
+        engine, vocab = s.engine, s.engine.target.args.vocab_size
+        cutoff, engine.draft_cutoff = engine.draft_cutoff, 0.0
+        times = engine._times = Stats().time_s
+        with torch.inference_mode():
+            engine.prefill(torch.randint(0, vocab, (prefix,)).tolist())
+            for i in range(warmup + repeats):
+                if i == warmup:
+                    times.update(dict.fromkeys(times, 0.0))
+                engine.L.fill_(prefix)
+                engine.step(s.sampling, None, False)
+        engine.draft_cutoff = cutoff
+        c = {k: v / repeats for k, v in times.items() if k != "other"}
+        c["draft_level"] = c["draft"] / len(engine.tree.expand) if engine.tree.expand else 0.0
+        costs[s.name] = c
+    return costs
+
+
+def predict(costs: dict, measured: dict, prompt_sets: list[str]) -> dict:
+    """Tokens/s per system from step costs and a bench JSON's tau and draft levels per step
+    (decode only: prefill excluded). Speedup is against the plain step of the same costs."""
+    table = {}
+    for ps in prompt_sets:
+        plain = costs["plain"]["verify"] + costs["plain"]["accept"] + costs["plain"]["compact"]
+        for name, c in costs.items():
+            runs = measured.get("runs", {}).get(ps, {}).get(name)
+            if not runs:
+                continue
+            steps = sum(r["stats"]["target_forwards"] for r in runs)
+            tau = sum(r["stats"]["tau"] * r["stats"]["target_forwards"] for r in runs) / steps
+            levels = sum(r["stats"]["draft_forwards"] for r in runs) / steps
+            step = c["verify"] + c["accept"] + c["compact"] + levels * c["draft_level"]
+            table[f"{ps}/{name}"] = dict(step_ms=1e3 * step, tau=tau, draft_levels=levels,
+                                         tokens_per_s=tau / step, speedup=tau * plain / step)
+    return table
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,29 +278,73 @@ def git_commit() -> str:
         return "unknown"
 
 
+def report_costs(costs: dict, acceptance_from: Path | None, prompt_sets: list[str], dtype: str, device: str,
+                 out: Path | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
+                device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine(),
+                torch=torch.__version__, dtype=dtype, acceptance_from=str(acceptance_from or ""))
+    table = Table(title=f"step costs on random weights (ms), {meta['device']}, {dtype}, {meta['date']}, {meta['commit']}")
+    for col in ("system", "draft level", "all levels", "verify", "accept", "compact"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for name, c in costs.items():
+        table.add_row(name, *(f"{1e3 * c[k]:.1f}" for k in ("draft_level", "draft", "verify", "accept", "compact")))
+    Console().print(table)
+    predicted = {}
+    if acceptance_from:
+        try:
+            predicted = predict(costs, json.loads(Path(acceptance_from).read_text()), prompt_sets)
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise minitree.EngineError(f"cannot read an acceptance profile from {acceptance_from}: {e}") from None
+        table = Table(title=f"predicted decode speed: these costs x tau and draft levels measured in {acceptance_from}")
+        for col in ("set/system", "step ms", "levels", "tau", "tok/s", "speedup"):
+            table.add_column(col, justify="left" if col == "set/system" else "right")
+        for key, r in predicted.items():
+            table.add_row(key, f"{r['step_ms']:.1f}", f"{r['draft_levels']:.2f}", f"{r['tau']:.2f}",
+                          f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x")
+        Console().print(table)
+    result = dict(meta=meta, costs_ms={n: {k: 1e3 * v for k, v in c.items()} for n, c in costs.items()},
+                  predicted=predicted)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------
 def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max_new_tokens: int, systems: str | None,
          temperature: float, seed: int, dtype: str, threads: int | None, max_seq_len: int, no_compile: bool,
-         draft_int8: bool, draft_vocab: int, draft_cutoff: float, out: Path | None) -> int:
+         draft_int8: bool, draft_vocab: int, draft_cutoff: float, device: str, cost_only: bool,
+         acceptance_from: Path | None, out: Path | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    target_dir, draft_dir = (fetch(n) if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
-                                                                            draft or DEFAULT_DRAFT))
-    target = minitree.load(target_dir, dtype=torch_dtype)
-    drafter = minitree.load(draft_dir, dtype=torch_dtype, tokenizer=False)
-    cheapen_draft(drafter, draft_int8, draft_vocab, "cpu")
-    tok = target.tokenizer
     names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed,
                               draft_cutoff=draft_cutoff)
+    if cost_only:
+        target_dir, draft_dir = (MODELS_DIR / n if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
+                                                                                     draft or DEFAULT_DRAFT))
+        target, drafter = (random_model(d, torch_dtype, device) for d in (target_dir, draft_dir))
+        cheapen_draft(drafter, draft_int8, draft_vocab, device)
+        chosen = [MinitreeSystem(n, target, drafter, None if n == "plain" else n, args)
+                  for n in dict.fromkeys(["plain", *names]) if not n.startswith("hf")]
+        return report_costs(step_costs(chosen), acceptance_from, sets.split(","), dtype, device, out)
+    target_dir, draft_dir = (fetch(n) if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
+                                                                            draft or DEFAULT_DRAFT))
+    target = minitree.load(target_dir, dtype=torch_dtype, device=device)
+    drafter = minitree.load(draft_dir, dtype=torch_dtype, device=device, tokenizer=False)
+    cheapen_draft(drafter, draft_int8, draft_vocab, device)
+    tok = target.tokenizer
     chosen, hf_target = [], None
     for name in names:
         if name == "plain":
             chosen.append(MinitreeSystem("plain", target, None, None, args))
         elif name in ("hf", "hf-assisted"):
-            hf_target = hf_target or load_hf(target_dir, torch_dtype)
-            hf_draft = load_hf(draft_dir, torch_dtype) if name == "hf-assisted" else None
+            hf_target = hf_target or load_hf(target_dir, torch_dtype, device)
+            hf_draft = load_hf(draft_dir, torch_dtype, device) if name == "hf-assisted" else None
             chosen.append(HFSystem(name, hf_target, hf_draft, args))
         else:
             chosen.append(MinitreeSystem(name, target, drafter, name, args))
@@ -312,6 +415,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-cutoff", type=float, default=0.0,
                    help="stop drafting when no frontier node's draft confidence reaches this; a system "
                         "'TREE@C' sets its own (default: %(default)s, off)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--cost-only", action="store_true",
+                   help="time each system's step phases on random weights with the checkpoints' architectures "
+                        "(only config.json is read); no prompts, no transformers systems")
+    p.add_argument("--acceptance-from", type=Path,
+                   help="with --cost-only: a bench JSON whose tau and draft levels per step turn the costs into "
+                        "predicted tokens/s and speedups")
     p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
     return p.parse_args(argv)
 
