@@ -42,10 +42,11 @@ def draft_tree(run, tree: Tree, seq: torch.Tensor, L: torch.Tensor, sampling: Sa
             if cutoff > 0 and float(conf[nodes].max()) < cutoff:
                 return tokens, q, d
             logits = run(tokens[nodes], base + tree.depth[nodes], base + nodes, nodes, base, tree.anc_bits)
-        p = probs(logits, sampling) if not sampling.greedy else logits.softmax(-1) if cutoff > 0 else None
         if sampling.greedy:
             picks = logits.topk(K, dim=-1).indices
+            p = logits.softmax(-1) if cutoff > 0 else None  # only the confidences need it
         else:
+            p = probs(logits, sampling)
             q = p.new_zeros(tree.n, p.shape[-1]) if q is None else q
             q[nodes] = p
             picks = p.topk(K, dim=-1).indices if one_hot else draw_without_replacement(p, K, generator)
