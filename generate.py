@@ -31,22 +31,6 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> minitree.Transform
     return minitree.load(fetch(name) if name in MODELS else name, dtype=dtype, device=device)
 
 
-def encode(tokenizer, prompt: str, chat: bool, history: list | None = None) -> list[int]:
-    if chat:
-        messages = (history or []) + [{"role": "user", "content": prompt}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(prompt, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
-
-
-def cheapen_draft(drafter, int8: bool | None, vocab: int, device: str) -> None:
-    """Make the draft cheaper without changing the output (minitree.quant)."""
-    if vocab:
-        minitree.restrict_vocab(drafter, vocab)
-    if int8 if int8 is not None else torch.device(device).type == "cpu":
-        minitree.quantize_int8(drafter)
-
-
 class Streamer:
     """Prints text as tokens are committed (decoding the whole answer, printing the new suffix)."""
 
@@ -98,7 +82,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     target = load_model(checkpoint, torch_dtype, device)
     drafter = load_model(draft, torch_dtype, device) if use_tree else None
     if drafter is not None:
-        cheapen_draft(drafter, draft_int8, draft_vocab, device)
+        minitree.cheapen(drafter, draft_int8, draft_vocab)
     tok = target.tokenizer
     if tok is None:
         raise minitree.LoadError(f"{checkpoint} has no tokenizer")
@@ -130,7 +114,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip() or None  # piped text; nothing piped: the demo
     prompt = DEMO_PROMPT if prompt is None else prompt
-    ids = encode(tok, prompt, chat)
+    ids = minitree.encode(tok, prompt, chat)
     if not json_out:
         print(f"> {prompt}\n", file=sys.stderr)
     result, compile_s = run(ids, stream=not json_out)
@@ -154,7 +138,7 @@ def chat_loop(run, tok, chat: bool, tree_obj, tree: str) -> int:
             return 0
         if not line:
             return 0
-        result, compile_s = run(encode(tok, line, chat, history), stream=True)
+        result, compile_s = run(minitree.encode(tok, line, chat, history), stream=True)
         print()
         summary(result, tree_obj, compile_s, tree)
         history += [{"role": "user", "content": line},

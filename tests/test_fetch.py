@@ -2,55 +2,15 @@
 
 import dataclasses
 import hashlib
-import zipfile
 
-import gguf
 import pytest
 import torch
-from tokenizers import pre_tokenizers
 
 import minitree
 import minitree.fetch as fetch_mod
 from minitree.attention import TreeMask
 from minitree.fetch import FetchError, Source, fetch, join_parts
-from conftest import save_random
-
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-
-
-def write_gguf(hf, path):
-    """A Qwen2 GGUF file (f32 tensors, byte-level tokenizer) holding `hf`'s weights."""
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_name("tiny-qwen2")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
-    w.add_token_scores([0.0] * 256)
-    w.add_token_types([1] * 256)
-    w.add_token_merges([])
-    w.add_eos_token_id(0)
-    for name, tensor in hf.state_dict().items():
-        if name not in TOP_NAMES:
-            parts = name.split(".")  # model.layers.{i}.{module}.{weight|bias}
-            name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-        w.add_tensor(TOP_NAMES.get(name, name), tensor.float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+from tiny import fake_wheels, save_random, write_gguf
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +19,6 @@ def tiny_gguf(tmp_path_factory):
     hf = save_random(root / "hf", "qwen2", seed=4, tie_word_embeddings=False)
     write_gguf(hf, root / "tiny.gguf")
     return hf, root / "tiny.gguf"
-
-
-def fake_wheels(data: bytes, n: int, where):
-    """Split data into n wheels (zip files) holding data/partNN.bin, like the PyPI mirrors."""
-    size = -(-len(data) // n)
-    wheels = []
-    for i in range(n):
-        wheel = where / f"fake_part{i + 1}-0.1-py3-none-any.whl"
-        with zipfile.ZipFile(wheel, "w") as z:
-            z.writestr(f"fake_part{i + 1}/__init__.py", "")
-            z.writestr(f"fake_part{i + 1}/data/part{i + 1:02d}.bin", data[i * size:(i + 1) * size])
-        wheels.append(wheel)
-    return wheels
 
 
 def logits(model, n=24):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import minitree
-from conftest import save_tokenizer
+from tiny import save_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,30 +76,3 @@ def test_bad_input_is_one_clear_line(pair_dirs, other_tokenizer_draft, case):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-
-
-def test_bench_cost_only_predicts_from_an_acceptance_profile(pair_dirs, tmp_path):
-    """bench.py --cost-only times step phases on random weights (architecture from config.json)
-    and turns a bench JSON's tau and draft levels per step into tokens/s."""
-    target_dir, draft_dir = pair_dirs
-    stats = lambda steps, levels, tau: dict(stats=dict(target_forwards=steps, draft_forwards=levels, tau=tau))
-    profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps(dict(runs=dict(code={"2,2,1@0.5": [stats(10, 25, 3.0), stats(30, 45, 2.0)]}))))
-    out = tmp_path / "costs.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--cost-only", "--checkpoint", target_dir,
-                           "--draft", draft_dir, "--systems", "2,2,1@0.5;hf", "--sets", "code", "--no-compile",
-                           "--dtype", "float32", "--acceptance-from", profile, "--out", out],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
-    costs = result["costs_ms"]
-    assert set(costs) == {"plain", "2,2,1@0.5"}  # transformers systems have no step phases
-    assert costs["plain"]["draft_level"] == 0 and costs["2,2,1@0.5"]["draft_level"] > 0
-    c, r = costs["2,2,1@0.5"], result["predicted"]["code/2,2,1@0.5"]
-    assert c["draft_level"] == pytest.approx(c["draft"] / 3)
-    assert r["tau"] == pytest.approx(2.25) and r["draft_levels"] == pytest.approx(70 / 40)
-    step = c["verify"] + c["accept"] + c["compact"] + 70 / 40 * c["draft_level"]
-    assert r["step_ms"] == pytest.approx(step) and r["tokens_per_s"] == pytest.approx(1e3 * 2.25 / step)
-    missing = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--cost-only", "--checkpoint", tmp_path],
-                             capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: --cost-only needs")

@@ -19,7 +19,7 @@ import minitree.accept
 import minitree.engine
 from minitree.attention import TreeMask
 from minitree.sampling import probs
-from conftest import save_random
+from tiny import save_random
 
 V = 32
 SAMPLES = 20_000

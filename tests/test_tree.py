@@ -182,7 +182,7 @@ def test_eos_inside_accepted_path_stops_there(pair, plain_tokens):
 
 
 def test_draft_vocab_mismatch(pair, tmp_path):
-    from conftest import save_random
+    from tiny import save_random
     save_random(tmp_path / "small", "qwen2", vocab_size=128)
     with pytest.raises(minitree.EngineError, match=r"draft vocabulary \(128 tokens\).*target's \(256 tokens\)"):
         minitree.Engine(pair[0], minitree.load(tmp_path / "small"), "2,2,1")
