@@ -105,7 +105,7 @@ def system_parts(name: str) -> tuple[str | None, float | None]:
         return None, None
     tree, at, cutoff = name.partition("@")
     try:
-        minitree.Tree.parse(tree)
+        minitree.parse_tree(tree)
         return tree, float(cutoff) if at else None
     except minitree.TreeError as e:
         raise minitree.EngineError(f"system '{name}': {e}") from None
@@ -119,7 +119,7 @@ def system_parts(name: str) -> tuple[str | None, float | None]:
 class MinitreeSystem:
     def __init__(self, name: str, target, draft, args):
         tree, cutoff = system_parts(name)  # "2,2,1@0.1": draft cutoff 0.1 for this system
-        self.name, self.tree = name, minitree.Tree.parse(tree) if tree else minitree.Tree([])
+        self.name, self.tree = name, minitree.parse_tree(tree) if tree else minitree.Tree([])
         self.engine = minitree.Engine(target, draft if tree else None, tree, max_seq_len=args.max_seq_len,
                                       compile=not args.no_compile,
                                       draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
@@ -188,7 +188,7 @@ def step_costs(systems: list, prefix: int = 256, warmup: int = 3, repeats: int =
                 engine.step(s.sampling, None, False)
         engine.draft_cutoff = cutoff
         c = {k: v / repeats for k, v in times.items() if k != "other"}
-        c["draft_level"] = c["draft"] / len(engine.tree.expand) if engine.tree.expand else 0.0
+        c["draft_level"] = c["draft"] / engine.tree.max_depth if engine.tree.max_depth else 0.0
         costs[s.name] = c
     return costs
 

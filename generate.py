@@ -46,7 +46,7 @@ class Streamer:
                 self.printed = text
 
 
-def summary(result: minitree.Result, tree: minitree.Tree, compile_s: float, tree_spec: str) -> None:
+def summary(result: minitree.Result, tree: minitree.TreeSpec, compile_s: float, tree_spec: str) -> None:
     from rich.console import Console
     from rich.table import Table
     s = result.stats
@@ -59,6 +59,9 @@ def summary(result: minitree.Result, tree: minitree.Tree, compile_s: float, tree
         table.add_row("tau", f"{s.tau:.2f} tokens per target forward ({s.target_forwards} forwards)")
         hist = " ".join(f"{m}:{c}" for m, c in sorted(s.accepted.items()))
         table.add_row("accepted length", hist)
+        off_first = 1 - s.accepted_ranks[0] / max(sum(s.accepted_ranks.values()), 1)
+        table.add_row("accepted shape", f"depth {s.tau - 1:.2f} per step, rank {s.mean_accepted_rank:.2f} on average "
+                                        f"({100 * off_first:.0f}% of accepted nodes off the first choice)")
         per_depth = " ".join(f"{a:.2f}" for a in s.acceptance_per_depth(tree.max_depth))
         table.add_row("acceptance by depth", per_depth)
     split = "  ".join(f"{k} {v:.2f}s" for k, v in s.time_s.items())
@@ -75,7 +78,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if checkpoint is None:
         checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
     use_tree = tree.lower() != "none"
-    tree_obj = minitree.Tree.parse(tree) if use_tree else minitree.Tree([])
+    tree_obj = minitree.parse_tree(tree) if use_tree else minitree.Tree([])
     if use_tree and draft is None:
         raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding)")
     torch_dtype = getattr(torch, dtype)
@@ -151,7 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"a .gguf file or a hub id (default: {DEFAULT_TARGET} with draft {DEFAULT_DRAFT})")
     p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer")
     p.add_argument("--tree", default="2,2,1", help="branching per depth (2,2,1), a path list "
-                   "('[(0,), (1,), (0, 0)]'), a JSON file of paths, or 'none' for plain decoding (default: %(default)s)")
+                   "('[(0,), (1,), (0, 0)]'), a JSON file of paths, a per-step tree grown from the draft's confidence "
+                   f"({minitree.tree.DYNAMIC_SYNTAX}), or 'none' for plain decoding (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

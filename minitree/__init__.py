@@ -7,8 +7,8 @@ from .loading import LoadError, load
 from .model import Transformer
 from .quant import cheapen, quantize_int8, restrict_vocab
 from .sampling import Sampling, SamplingError
-from .tree import Tree, TreeError
+from .tree import DynamicTree, StepTree, Tree, TreeError, TreeSpec, parse_tree
 
-__all__ = ["load", "Engine", "Tree", "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats",
+__all__ = ["load", "Engine", "Tree", "DynamicTree", "TreeSpec", "StepTree", "parse_tree", "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats",
            "encode", "cheapen", "quantize_int8", "restrict_vocab",
            "ConfigError", "EngineError", "LoadError", "SamplingError", "TreeError"]

@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 
 from .sampling import draw
-from .tree import Tree
+from .tree import StepTree
 
 
-def accept_greedy(tree: Tree, tokens: torch.Tensor, target_logits: torch.Tensor):
-    """tokens [n], target_logits [n, V]: a node is accepted iff it and each ancestor is the
-    target's argmax at its parent; the deepest accepted node ends the path."""
+def accept_greedy(tree: StepTree, target_logits: torch.Tensor):
+    """target_logits [n, V]: a node is accepted iff it and each ancestor is the target's argmax
+    at its parent; the deepest accepted node ends the path."""
     choice = target_logits.argmax(-1)  # [n]
-    correct = tokens == choice[tree.parents]
+    correct = tree.tokens == choice[tree.parents]
     correct[0] = True
-    accepted = ~(tree.anc & ~correct).any(1)  # all ancestors (and self) correct
+    accepted = correct[tree.paths].all(1)  # all ancestors (and self) correct
     last = (tree.depth * accepted).argmax()  # siblings carry distinct tokens: one path at most
     return tree.paths[last], tree.depth[last], choice[last]
 
@@ -33,27 +33,26 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / r.sum().clamp(min=1e-30)
 
 
-def accept_sample(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
-                  one_hot_draft: bool):
+def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, one_hot_draft: bool):
     """Recursive rejection sampling over siblings, without replacement.
 
-    p [n, V]: target probabilities at every node; q [n, V]: the draft distribution the
-    children of each expanded node were drawn from (in rank order, without replacement);
-    u [D * K + 1]: uniforms. At a node, child i with token x is accepted with probability
+    p [n, V]: target probabilities at every node; q [rows, V]: the draft distribution the
+    children of each expanded node were drawn from (in rank order, without replacement), at
+    the node's draft row; u [D * K + 1]: uniforms. At a node, child i with token x is accepted with probability
     min(1, p_i(x) / q_i(x)); on rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} =
     norm(q_i without x). With one_hot_draft (children are the draft's top-k, not draws)
     q_i is one-hot at x: accept with probability p_i(x), then p_{i+1} = norm(p_i without x).
     If no child is accepted, the bonus is drawn from the residual p; after a leaf, from p.
     Then the output is distributed exactly as p, whatever q is.
     """
-    K = tree.children.shape[1]
+    K, tokens = tree.children.shape[1], tree.tokens
     u_accept, u_bonus = u[:-1].view(max(tree.max_depth, 1), K), u[-1]
     cur = torch.zeros((), dtype=torch.long, device=p.device)
     alive = torch.ones((), dtype=torch.bool, device=p.device)
     n_acc = torch.zeros((), dtype=torch.long, device=p.device)
     stop_p = p[0]
     for d in range(tree.max_depth):
-        res, qq, nxt = p[cur], q[cur], cur
+        res, qq, nxt = p[cur], q[tree.draft_row[cur]], cur
         moved = torch.zeros((), dtype=torch.bool, device=p.device)
         for r in range(K):
             child = tree.children[cur, r]

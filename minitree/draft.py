@@ -1,17 +1,17 @@
-"""Step 1: the draft grows the tree, level by level.
+"""Step 1: the draft grows this step's tree, level by level.
 
 Level 0 runs the draft on a two-token window [committed[L-2], root]: the first token is the
-last accepted node of the previous step, which the draft has not cached when it was a leaf
-(recomputing it otherwise is harmless). Level d > 0 runs the draft on the nodes at depth d
-that have children, under the tree mask. At each level every expanded node gets its
-children: the top-k draft tokens (greedy, or `one_hot` sampling) or k draws without
-replacement from the draft distribution, in rank order.
+last accepted node of the previous step, which the draft has not cached when it was not
+expanded (recomputing it otherwise is harmless). Level d > 0 runs the draft on that level's
+frontier (chosen by the tree spec: fixed for a static tree, the most confident nodes for a
+dynamic one) under the tree mask, at the draft's own cache rows. Every frontier node gets k
+children: the draft's top-k tokens (greedy, or `one_hot` sampling) or k draws without
+replacement from its distribution, in rank order. Then the spec selects the nodes to verify.
 
-Early stop (`cutoff` > 0): a node's confidence is the product of the draft probabilities
-along its path. Before each level, if no node of the frontier reaches `cutoff`, drafting
-stops; the deeper nodes keep the token UNDRAFTED and are never accepted (verify still
-scores them, so the target's graph keeps one shape). A level costs a draft forward, so
-unlikely continuations are not drafted at all. This is one host read per level.
+Confidence: a node's is the product of the draft probabilities along its path. Early stop
+(`cutoff` > 0): before each level, if no frontier node reaches `cutoff`, drafting stops; the
+deeper nodes keep the token UNDRAFTED and are never accepted (verify still scores them, so
+the target's graph keeps one shape). One host read per level, only with a cutoff.
 """
 
 from __future__ import annotations
@@ -19,39 +19,45 @@ from __future__ import annotations
 import torch
 
 from .sampling import Sampling, draw_without_replacement, probs
-from .tree import Tree
-
-UNDRAFTED = -1  # token of a node the draft did not reach
+from .tree import UNDRAFTED, StepTree, TreeSpec
 
 
-def draft_tree(run, tree: Tree, seq: torch.Tensor, L: torch.Tensor, sampling: Sampling, one_hot: bool,
+def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling: Sampling, one_hot: bool,
                generator: torch.Generator | None, cutoff: float = 0.0):
-    """-> node tokens [n] (node 0 = root = seq[L-1]; UNDRAFTED below an early stop), the draft
-    distributions q [n, V] the children were chosen from (None when greedy), and the number
-    of draft forwards run. `run` is the draft's masked forward."""
-    base = L - 1
-    window = torch.stack([(L - 2).clamp(min=0), base])  # slots (= positions) of the catch-up window
-    tokens = torch.full((tree.n,), UNDRAFTED, dtype=torch.long, device=seq.device)
+    """-> this step's StepTree, the draft distributions q [rows, V] each frontier node's children
+    were chosen from (None when greedy), and the number of draft forwards run.
+    `run` is the draft's masked forward."""
+    base, dev, K = L - 1, seq.device, spec.k
+    M = spec.n_candidates
+    tokens = torch.full((M,), UNDRAFTED, dtype=torch.long, device=dev)
     tokens[0] = seq[base]
-    conf = torch.ones(tree.n, device=seq.device)
+    conf = torch.full((M,), -1.0, device=dev)  # below every drafted node's
+    conf[0] = 1.0
+    parent = torch.zeros(M, dtype=torch.long, device=dev)  # undrafted candidates hang off the root
+    row = torch.zeros(M, dtype=torch.long, device=dev)  # the draft's cache row of expanded candidates
+    bits = torch.ones(spec.n_rows, dtype=torch.long, device=dev)  # ancestor bits of the draft's rows
     q = None
-    logits = run(seq[window], window, window, torch.zeros_like(window), base, tree.anc_bits)[1:]
-    K = tree.children.shape[1]
-    for d, nodes in enumerate(tree.expand):
+    window = torch.stack([(L - 2).clamp(min=0), base])  # slots (= positions) of the catch-up window
+    logits = run(seq[window], window, window, torch.zeros_like(window), base, bits)[1:]
+    frontier = torch.zeros(1, dtype=torch.long, device=dev)
+    levels = 0
+    for d in range(spec.max_depth):
+        rows = spec.row_offset[d] + torch.arange(spec.widths[d], device=dev)
         if d > 0:
-            if cutoff > 0 and float(conf[nodes].max()) < cutoff:
-                return tokens, q, d
-            logits = run(tokens[nodes], base + tree.depth[nodes], base + nodes, nodes, base, tree.anc_bits)
-        if sampling.greedy:
-            picks = logits.topk(K, dim=-1).indices
-            p = logits.softmax(-1) if cutoff > 0 else None  # only the confidences need it
-        else:
-            p = probs(logits, sampling)
-            q = p.new_zeros(tree.n, p.shape[-1]) if q is None else q
-            q[nodes] = p
-            picks = p.topk(K, dim=-1).indices if one_hot else draw_without_replacement(p, K, generator)
-        children, flat = tree.grow[d]
-        tokens[children] = picks.flatten()[flat]
-        if cutoff > 0:
-            conf[children] = conf[nodes][flat // K] * p.gather(1, picks).flatten()[flat]
-    return tokens, q, len(tree.expand)
+            frontier = spec.frontier(d, conf)
+            if cutoff > 0 and float(conf[frontier].max()) < cutoff:
+                break
+            row[frontier] = rows
+            bits[rows] = bits[row[parent[frontier]]] | (1 << rows)
+            logits = run(tokens[frontier], base + spec.cand_depth[frontier], base + rows, rows, base, bits)
+        levels += 1
+        p = logits.softmax(-1) if sampling.greedy else probs(logits, sampling)
+        if not sampling.greedy:
+            q = p.new_zeros(spec.n_rows, p.shape[-1]) if q is None else q
+            q[rows] = p
+        picks = p.topk(K, dim=-1).indices if sampling.greedy or one_hot else draw_without_replacement(p, K, generator)
+        children = spec.cand_offset[d + 1] + torch.arange(spec.widths[d] * K, device=dev)
+        tokens[children] = picks.flatten()
+        conf[children] = (conf[frontier][:, None] * p.gather(1, picks)).flatten()
+        parent[children] = frontier.repeat_interleave(K)
+    return spec.select(tokens, conf, parent, row), q, levels

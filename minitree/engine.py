@@ -23,7 +23,7 @@ from .draft import draft_tree
 from .kv import compact
 from .model import Transformer
 from .sampling import Sampling, probs
-from .tree import Tree
+from .tree import StepTree, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 # The shared layer function gets one graph per (model shape, query length); a bench run with
@@ -49,7 +49,7 @@ class Stats:
     target_forwards: int = 0  # verify passes (one per step)
     draft_forwards: int = 0
     accepted: Counter = field(default_factory=Counter)  # accepted draft nodes per step -> count
-    node_hits: list[int] = field(default_factory=list)  # per tree node: times it was on the accepted path
+    accepted_ranks: Counter = field(default_factory=Counter)  # child rank of each accepted node -> count
     prefill_s: float = 0.0
     time_s: dict = field(default_factory=lambda: dict(draft=0.0, verify=0.0, accept=0.0, compact=0.0, other=0.0))
 
@@ -64,6 +64,11 @@ class Stats:
         return [sum(c for m, c in self.accepted.items() if m >= d) / steps for d in range(1, max_depth + 1)]
 
     @property
+    def mean_accepted_rank(self) -> float:
+        """Mean child rank of the accepted nodes, plus one: 1.0 when only first choices were accepted."""
+        return 1 + sum(r * c for r, c in self.accepted_ranks.items()) / max(sum(self.accepted_ranks.values()), 1)
+
+    @property
     def decode_s(self) -> float:
         return sum(self.time_s.values())
 
@@ -71,7 +76,8 @@ class Stats:
         return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
                     draft_forwards=self.draft_forwards, tau=self.tau,
                     accepted_histogram={int(k): v for k, v in sorted(self.accepted.items())},
-                    acceptance_per_depth=self.acceptance_per_depth(max_depth), node_hits=self.node_hits,
+                    acceptance_per_depth=self.acceptance_per_depth(max_depth),
+                    accepted_ranks={int(k): v for k, v in sorted(self.accepted_ranks.items())},
                     prefill_s=self.prefill_s, decode_s=self.decode_s,
                     tokens_per_s=self.new_tokens / max(self.decode_s, 1e-9), time_s=dict(self.time_s))
 
@@ -84,14 +90,15 @@ class Result:
 
 # ----------------------------------------------------------------------------------------
 class Engine:
-    """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree`.
+    """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree` (a static
+    Tree, a DynamicTree, or their text specs: "2,2,1", "dynamic:depth=6,width=2,k=4,nodes=10").
 
     With draft=None (or tree=None) it decodes plainly. Both models get a static KV cache
     of `max_seq_len` tokens plus room for one tree; prompt + output must fit in max_seq_len.
     `attention`: "flex" (FlexAttention BlockMask) or "sdpa" (dense mask, the reference).
     """
 
-    def __init__(self, target: Transformer, draft: Transformer | None = None, tree: "Tree | str | None" = None, *,
+    def __init__(self, target: Transformer, draft: Transformer | None = None, tree: "TreeSpec | str | None" = None, *,
                  max_seq_len: int = 2048, compile: bool = True, attention: str = "flex", prefill_chunk: int = 128,
                  draft_cutoff: float = 0.0):
         if attention not in ("flex", "sdpa"):
@@ -105,10 +112,10 @@ class Engine:
             raise EngineError(f"prefill_chunk must be in 1..{BLOCK}")
         self.device = target.lm_head.weight.device
         self.target, self.draft = target, draft if tree is not None else None
-        tree = Tree.parse(tree) if (tree is not None and draft is not None) else Tree([])
+        tree = parse_tree(tree) if (tree is not None and draft is not None) else Tree([])
         self.tree = tree.to(self.device)
         self.max_seq_len, self.prefill_chunk, self.draft_cutoff = max_seq_len, prefill_chunk, draft_cutoff
-        pad = max(prefill_chunk, self.tree.n) + 1
+        pad = max(prefill_chunk, self.tree.n, self.tree.n_rows) + 1
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         self.models = [m for m in (target, self.draft) if m is not None]
         self.runs = []
@@ -135,34 +142,34 @@ class Engine:
                 run(chunk, slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
-        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, path,
-        draft forwards run)."""
-        tree, L = self.tree, self.L
-        base = L - 1
+        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, the
+        accepted nodes' ranks [D+1], draft forwards run)."""
+        L, base = self.L, self.L - 1
         t = self._clock()
         if self.draft is not None:
-            tokens, q, levels = draft_tree(self.runs[1], tree, self.seq, L, sampling, one_hot_draft, generator,
-                                           self.draft_cutoff)
-        else:
-            tokens, q, levels = self.seq[base].view(1), None, 0
+            tree, q, levels = draft_tree(self.runs[1], self.tree, self.seq, L, sampling, one_hot_draft, generator,
+                                         self.draft_cutoff)
+        else:  # plain decoding: the root alone
+            tree, q, levels = self.tree.step._replace(tokens=self.seq[base].view(1)), None, 0
         t = self._clock("draft", t)
-        logits = verify(self.runs[0], tree, tokens.clamp(min=0), base)
+        logits = verify(self.runs[0], tree, base)
         t = self._clock("verify", t)
         if sampling.greedy:
-            path, n_acc, bonus = accept_greedy(tree, tokens, logits)
+            path, n_acc, bonus = accept_greedy(tree, logits)
         else:
             u = torch.rand(max(tree.max_depth, 1) * tree.children.shape[1] + 1, generator=generator,
                            device=self.device)
-            q = torch.zeros_like(logits) if q is None else q
-            path, n_acc, bonus = accept_sample(tree, tokens, probs(logits, sampling), q, u, one_hot_draft)
+            path, n_acc, bonus = accept_sample(tree, probs(logits, sampling), q, u, one_hot_draft)
         # [D+1]: the accepted nodes' tokens, the bonus at index n_acc, then junk
-        out = torch.cat([tokens[path[1:]], bonus.view(1)]).scatter(0, n_acc.view(1), bonus.view(1))
+        out = torch.cat([tree.tokens[path[1:]], bonus.view(1)]).scatter(0, n_acc.view(1), bonus.view(1))
         t = self._clock("accept", t)
-        compact([m.kv_cache for m in self.models], base, path)
+        compact(self.target.kv_cache, base, path)
+        if self.draft is not None:
+            compact(self.draft.kv_cache, base, tree.draft_row[path])
         self.seq.index_copy_(0, L + torch.arange(tree.max_depth + 1, device=self.device), out)
         self.L += n_acc + 1
         self._clock("compact", t)
-        return out, n_acc + 1, path, levels
+        return out, n_acc + 1, tree.rank[path[1:]], levels
 
     def _clock(self, phase: str | None = None, since: float = 0.0) -> float:
         if self.device.type == "cuda":
@@ -179,18 +186,20 @@ class Engine:
                  on_tokens=None) -> Result:
         """Decode up to max_new_tokens after `prompt` (token ids). Stops after an EOS token
         (included in the output) or when the context is full. `on_tokens(list)` is called
-        with each step's committed tokens, for streaming."""
+        with each step's committed tokens, for streaming. `one_hot_draft`: when sampling, draft the
+        top-k tokens instead of drawing them (always so for dynamic trees)."""
         if not prompt:
             raise EngineError("the prompt is empty")
         if len(prompt) + 1 > self.max_seq_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
                               f"(raise max_seq_len, or shorten the prompt)")
         eos = set(self.target.args.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        one_hot_draft = one_hot_draft or self.tree.topk_children
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
-        stats = Stats(node_hits=[0] * self.tree.n)
+        stats = Stats()
         self._times = stats.time_s
         t0 = time.perf_counter()
         self.prefill(prompt)
@@ -199,14 +208,13 @@ class Engine:
         room = self.max_seq_len - self.tree.max_depth - 1
         t0 = time.perf_counter()
         while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-            committed, count, path, levels = self.step(sampling, generator, one_hot_draft)
+            committed, count, ranks, levels = self.step(sampling, generator, one_hot_draft)
             n = int(count)  # the one host sync per step
-            new, path = committed[:n].tolist(), path[:n].tolist()
+            new = committed[:n].tolist()
             stats.target_forwards += 1
             stats.draft_forwards += levels
             stats.accepted[n - 1] += 1
-            for node in path:
-                stats.node_hits[node] += 1
+            stats.accepted_ranks.update(ranks[: n - 1].tolist())
             new = new[: max_new_tokens - len(out)]
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)
             new = new if stop is None else new[: stop + 1]

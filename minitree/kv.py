@@ -7,13 +7,12 @@ from __future__ import annotations
 import torch
 
 
-def compact(caches: list[torch.Tensor], base: torch.Tensor, path: torch.Tensor) -> None:
-    """Copy slot base + path[k] to slot base + k for k = 0..D, in every cache [layers, 2, 1, H, S, D].
+def compact(cache: torch.Tensor, base: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy slot base + src[k] to slot base + k for k = 0..D in a cache [layers, 2, 1, H, S, D].
 
-    Gathering first (index_select makes a copy) makes overlapping source and destination
-    safe; entries past the accepted length copy unaccepted slots onto unaccepted slots.
+    The target passes the accepted path (a node's slot offset is its index), the draft the
+    path's draft rows. Gathering first (index_select makes a copy) makes overlapping source
+    and destination safe; entries past the accepted length copy junk onto unaccepted slots.
     """
-    src = base + path
-    dst = base + torch.arange(path.numel(), device=path.device)
-    for cache in caches:
-        cache.index_copy_(4, dst, cache.index_select(4, src))
+    dst = base + torch.arange(src.numel(), device=src.device)
+    cache.index_copy_(4, dst, cache.index_select(4, base + src))

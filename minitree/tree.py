@@ -1,35 +1,152 @@
-"""Token trees: the shape of what the draft proposes each step.
+"""Token trees: what the draft proposes each step, and the one tree type every step consumes.
 
-A tree is given as a branching spec ("2,2,1": the root has 2 children, each of those 2, each
-of those 1) or as a path list in the vLLM `speculative_token_tree` / Medusa `choices` format
-([(0,), (1,), (0, 0)]: each tuple is the child ranks from the root). Rank r is the draft's
-r-th most likely token (greedy) or its r-th draw without replacement (sampling), so the
-children of a node must be ranks 0..k-1 without gaps.
+A tree spec says how the draft grows a tree; `StepTree` is the tree one step actually verifies,
+as device tensors, consumed alike by draft, verify, accept and compact.
 
-Node 0 is the root (the last committed token). Nodes 1..D are the all-rank-0 path, the
-draft's first choice at every depth, and the other nodes follow breadth-first, so every
-ancestor has a smaller index than its descendants. A node's index is also its cache slot
-offset during verify, so the first-choice path sits where plain decoding would put its
-tokens and is computed with bit-identical rounding (model.py's note on MIN_ROWS; off that
-path, keys at other slots are summed in another order). All structure is built once, here,
-as named tensors; nothing downstream computes indices from formulas.
+- `Tree` (static): a branching spec ("2,2,1": the root has 2 children, each of those 2, each
+  of those 1) or a path list in the vLLM `speculative_token_tree` / Medusa `choices` format
+  ([(0,), (1,), (0, 0)]: each tuple is the child ranks from the root). Rank r is the draft's
+  r-th most likely token (greedy) or its r-th draw without replacement (sampling), so the
+  children of a node must be ranks 0..k-1 without gaps. Every step verifies the same tree.
+- `DynamicTree` (EAGLE-2 style): "dynamic:depth=6,width=4,k=4,nodes=16". The root's top-k
+  children form level 1; at every further level the `width` most confident nodes (confidence:
+  the product of the draft's probabilities along the path) each get their top-k children;
+  then the `nodes` most confident drafted nodes are verified. The shape changes every step,
+  inside fixed sizes (width rows per draft level, nodes + 1 rows per verify), so compiled
+  graphs never change.
+
+Both are grown the same way (draft.py): level by level, each level's frontier nodes get their
+K children ("candidates", laid out level by level). A spec only decides which candidates form
+the next frontier (`frontier`) and which are verified, in which order (`select`): a static
+tree's choices are constant tensors, a dynamic tree's come from the confidences.
+
+Node 0 is the root (the last committed token). The draft's first-choice path (rank 0 at every
+depth) is numbered first, nodes 1..D, the other nodes follow by depth, so every ancestor has a
+smaller index than its descendants. A node's index is also its cache slot offset during
+verify, so the first-choice path sits where plain decoding would put its tokens and rounds
+like it (README, "bf16 and exactness").
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 MAX_NODES = 64  # root included: the ancestor relation is an int64 bitmask per node
+UNDRAFTED = -1  # token of a node the draft did not reach (early stop): never accepted
 
 
 class TreeError(ValueError):
     """A malformed tree (message is meant for users)."""
 
 
+# ----------------------------------------------------------------------------------------
+class StepTree(NamedTuple):
+    """One step's tree, device tensors (n nodes with the root; D: deepest level; K: most children).
+
+    tokens     [n]       token per node (UNDRAFTED where the draft stopped early)
+    parents    [n]       parent node (the root's is 0)
+    depth      [n]       0 for the root; a node's RoPE position is base + depth
+    rank       [n]       child rank under its parent (0 for the root)
+    conf       [n]       draft confidence: product of draft probabilities along the path
+    anc_bits   [n]       int64, bit j set iff node j is the node or one of its ancestors
+    paths      [n, D+1]  root-to-node path, padded by repeating the node
+    children   [n, K]    children by rank, -1 padded
+    draft_row  [n]       the draft's cache row (slot - base) of nodes it expanded, 0 for the others
+    """
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depth: torch.Tensor
+    rank: torch.Tensor
+    conf: torch.Tensor
+    anc_bits: torch.Tensor
+    paths: torch.Tensor
+    children: torch.Tensor
+    draft_row: torch.Tensor
+
+    @classmethod
+    def build(cls, tokens, parents, depth, rank, conf, draft_row, max_depth: int, k: int) -> "StepTree":
+        """Derive ancestors, paths and children from parent pointers (no host sync)."""
+        n = parents.numel()
+        nodes = torch.arange(n, device=parents.device)
+        chain = [nodes]  # the node, its parent, grandparent, ... (the root's parent is the root)
+        for _ in range(max_depth):
+            chain.append(parents[chain[-1]])
+        chain = torch.stack(chain, 1)  # [n, D+1]
+        steps_up = (depth[:, None] - torch.arange(max_depth + 1, device=parents.device)).clamp(min=0)
+        paths = chain.gather(1, steps_up)
+        anc = torch.zeros(n, n, dtype=torch.bool, device=parents.device).scatter_(1, chain, True)
+        anc_bits = (anc.long() << nodes).sum(1)
+        slot = torch.where(nodes > 0, parents * k + rank, n * k)  # the root goes to a spare slot
+        children = torch.full((n * k + 1,), -1, dtype=torch.long, device=parents.device).scatter_(0, slot, nodes)
+        return cls(tokens, parents, depth, rank, conf, anc_bits, paths, children[: n * k].view(n, k), draft_row)
+
+    @property
+    def max_depth(self) -> int:
+        return self.paths.shape[1] - 1
+
+
+# ----------------------------------------------------------------------------------------
+class TreeSpec:
+    """How the draft grows a tree; shared by static and dynamic trees.
+
+    Draft level d (d = 0..D-1) runs the draft on widths[d] frontier nodes (level 0: the root)
+    and gives each its top-k children: candidates cand_offset[d+1] .. + widths[d] * k. The
+    draft caches frontier nodes at rows row_offset[d] .. + widths[d] (slot = base + row).
+    Subclasses choose the frontier of each level and the candidates to verify.
+    """
+
+    name: str
+    topk_children = False  # children are always the draft's top-k (sampling uses the one-hot rule)
+    n: int  # nodes verified per step, root included
+    k: int  # children per frontier node
+    widths: list[int]  # frontier nodes per draft level; widths[0] = 1, the root
+
+    def _layout(self) -> None:
+        D, K = self.max_depth, self.k
+        sizes = [1] + [w * K for w in self.widths]  # candidates per depth
+        self.cand_offset = [sum(sizes[:d]) for d in range(D + 2)]
+        self.row_offset = [sum(self.widths[:d]) for d in range(D + 1)]
+        self.n_candidates, self.n_rows = self.cand_offset[-1], self.row_offset[-1]
+        self.cand_depth = torch.repeat_interleave(torch.arange(D + 1), torch.tensor(sizes))
+        self.cand_rank = torch.cat([torch.zeros(1, dtype=torch.long)] + [torch.arange(s) % K for s in sizes[1:]])
+        if self.n_rows > MAX_NODES:
+            raise TreeError(f"tree {self.name} drafts {self.n_rows} rows; at most {MAX_NODES} are supported")
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.widths)
+
+    def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
+        """Candidate ids [widths[d]] that draft level d expands (d >= 1), given all confidences."""
+        raise NotImplementedError
+
+    def select(self, tokens, conf, parent, row) -> StepTree:
+        """This step's tree from the candidates' tokens, confidences, parents and draft rows."""
+        raise NotImplementedError
+
+    def to(self, device) -> "TreeSpec":
+        """A copy whose tensors live on `device`."""
+        def move(v):
+            if torch.is_tensor(v):
+                return v.to(device)
+            if isinstance(v, StepTree):
+                return StepTree(*map(move, v))
+            return [move(e) for e in v] if isinstance(v, list) else v
+        t = object.__new__(type(self))
+        t.__dict__.update({k: move(v) for k, v in self.__dict__.items()})
+        return t
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}: {self.n - 1} draft nodes verified, depth {self.max_depth})"
+
+
+# ----------------------------------------------------------------------------------------
 def _paths_from_branching(spec: str) -> list[tuple[int, ...]]:
     parts = [p.strip() for p in spec.split(",")]
     if any(p == "" for p in parts):
@@ -67,18 +184,13 @@ def _read_path_list(text: str) -> list[tuple[int, ...]]:
     return [tuple(p) for p in value]
 
 
-class Tree:
-    """A static draft tree. Tensors (all on the host, built once):
+class Tree(TreeSpec):
+    """A static draft tree: the same nodes every step. Host tensors built once:
 
-    parents   [n]        parent node of each node (the root's is 0)
-    depth     [n]        0 for the root
-    rank      [n]        child rank under its parent (0 for the root)
-    anc       [n, n]     bool, anc[i, j]: j is i or an ancestor of i
-    anc_bits  [n]        int64, bit j set iff anc[i, j]
-    paths     [n, D+1]   root-to-node path of each node, padded by repeating the node
-    children  [n, K]     children of each node by rank, -1 padded (K: the widest node)
-    expand[d]            nodes at depth d that have children (the draft's frontier at level d)
-    grow[d]              (children of expand[d], their index into that level's [len(expand[d]) * K] draws)
+    parents, depth, rank [n]   as in StepTree
+    node_paths                 the rank path of each node, in node order
+    expand[d]                  nodes at depth d that have children (the draft's frontier at level d)
+    step                       the StepTree structure (tokens and confidences are filled per step)
 
     Tree([]) is the root alone: plain decoding is a speculative step with nothing drafted.
     """
@@ -104,26 +216,34 @@ class Tree:
         self.node_paths = [()] + sorted(first, key=len) + sorted(set(paths) - set(first), key=lambda p: (len(p), p))
         self.name = name or str([p for p in self.node_paths[1:]])
         index = {p: i for i, p in enumerate(self.node_paths)}
-        n = self.n = len(self.node_paths)
-        self.max_depth = max(len(p) for p in self.node_paths)
+        self.n = len(self.node_paths)
+        D = max(len(p) for p in self.node_paths)
         self.parents = torch.tensor([index[p[:-1]] if p else 0 for p in self.node_paths])
         self.depth = torch.tensor([len(p) for p in self.node_paths])
         self.rank = torch.tensor([p[-1] if p else 0 for p in self.node_paths])
-        self.anc = torch.zeros(n, n, dtype=torch.bool)
-        for i, p in enumerate(self.node_paths):
-            for k in range(len(p) + 1):
-                self.anc[i, index[p[:k]]] = True
-        self.anc_bits = (self.anc.long() << torch.arange(n)).sum(1)
-        self.paths = torch.tensor([[index[p[:k]] for k in range(len(p) + 1)] + [i] * (self.max_depth - len(p))
-                                   for i, p in enumerate(self.node_paths)])
-        kids = [[index[p + (r,)] for r in range(n) if p + (r,) in index] for p in self.node_paths]
-        width = max(len(k) for k in kids)  # 0 for the root-only tree of plain decoding
-        self.children = torch.tensor([k + [-1] * (width - len(k)) for k in kids])
-        self.expand = [torch.tensor([i for i, p in enumerate(self.node_paths) if len(p) == d and kids[i]])
-                       for d in range(self.max_depth)]
-        # grow[d] = (child nodes at depth d+1, their index in the flattened [len(expand[d]), width] draws)
-        self.grow = [(self.children[e][self.children[e] >= 0],
-                      torch.arange(len(e) * width).view(len(e), width)[self.children[e] >= 0]) for e in self.expand]
+        kids = [[i for i, q in enumerate(self.node_paths) if q and q[:-1] == p] for p in self.node_paths]
+        self.k = max(len(c) for c in kids)  # 0 for the root-only tree of plain decoding
+        self.expand = [[i for i, p in enumerate(self.node_paths) if len(p) == d and kids[i]] for d in range(D)]
+        self.widths = [len(e) for e in self.expand]
+        self._layout()
+        # Each node's candidate: the children of the j-th frontier node of level d are candidates
+        # cand_offset[d+1] + j * k + rank. Frontier nodes are cached at rows row_offset[d] + j.
+        cand, row = [0] * self.n, [0] * self.n
+        for d, level in enumerate(self.expand):
+            for j, node in enumerate(level):
+                row[node] = self.row_offset[d] + j
+                for child in kids[node]:
+                    cand[child] = self.cand_offset[d + 1] + j * self.k + int(self.rank[child])
+        self.cand = torch.tensor(cand)
+        self.frontiers = [self.cand[level] for level in self.expand]
+        self.step = StepTree.build(torch.zeros(self.n, dtype=torch.long), self.parents, self.depth, self.rank,
+                                   torch.ones(self.n), torch.tensor(row), D, self.k)
+
+    def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
+        return self.frontiers[d]
+
+    def select(self, tokens, conf, parent, row) -> StepTree:
+        return self.step._replace(tokens=tokens[self.cand], conf=conf[self.cand])
 
     @classmethod
     def parse(cls, spec: "str | Path | list | Tree") -> "Tree":
@@ -148,20 +268,83 @@ class Tree:
             return cls(paths)
         return cls(_paths_from_branching(text), name=text.replace(" ", ""))
 
-    def to(self, device) -> "Tree":
-        """A copy whose tensors live on `device`."""
-        t = object.__new__(Tree)
-        t.__dict__.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
-        t.expand = [e.to(device) for e in self.expand]
-        t.grow = [(a.to(device), b.to(device)) for a, b in self.grow]
-        return t
-
-    def __repr__(self) -> str:
-        return f"Tree({self.name}: {self.n - 1} draft nodes, depth {self.max_depth})"
-
     def draw(self) -> str:
         """An ASCII drawing, one node per line, labelled with its index and rank path."""
         lines = []
         for i, p in enumerate(self.node_paths):
             lines.append("  " * len(p) + (f"{i} {list(p)}" if p else "0 root"))
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+DYNAMIC_DEFAULTS = dict(depth=6, width=2, k=4, nodes=10)
+DYNAMIC_SYNTAX = "dynamic:depth=D,width=W,k=K,nodes=N (all optional; default " + \
+                 ",".join(f"{k}={v}" for k, v in DYNAMIC_DEFAULTS.items()) + ")"
+
+
+class DynamicTree(TreeSpec):
+    """A tree chosen every step from the draft's confidence (EAGLE-2), within fixed sizes:
+    depth D draft levels, `width` nodes expanded per level, `k` children each, `nodes` verified.
+    Children are the draft's top-k (confidences rank them), so sampling uses the one-hot rule."""
+
+    topk_children = True
+
+    def __init__(self, depth: int, width: int, k: int, nodes: int):
+        self.name = f"dynamic:depth={depth},width={width},k={k},nodes={nodes}"
+        for key, value in dict(depth=depth, width=width, k=k, nodes=nodes).items():
+            if not (isinstance(value, int) and value >= 1):
+                raise TreeError(f"tree {self.name}: {key} must be an integer >= 1")
+        self.k, self.width = k, width
+        self.widths = [1]
+        for _ in range(depth - 1):
+            self.widths.append(min(width, self.widths[-1] * k))
+        self._layout()
+        if nodes > self.n_candidates - 1:
+            raise TreeError(f"tree {self.name}: only {self.n_candidates - 1} nodes are drafted, fewer than nodes={nodes}")
+        if nodes + 1 > MAX_NODES:
+            raise TreeError(f"tree {self.name}: nodes must be at most {MAX_NODES - 1}")
+        self.n = nodes + 1
+
+    @classmethod
+    def parse(cls, spec: str) -> "DynamicTree":
+        """'dynamic' or 'dynamic:depth=6,width=4,k=4,nodes=16' (any subset of the keys)."""
+        head, _, body = spec.strip().partition(":")
+        if head != "dynamic":
+            raise TreeError(f"tree '{spec}' is not a dynamic tree spec; write {DYNAMIC_SYNTAX}")
+        params = dict(DYNAMIC_DEFAULTS)
+        for item in filter(None, (s.strip() for s in body.split(","))):
+            key, eq, value = item.partition("=")
+            if key not in params or not eq or not re.fullmatch(r"\d+", value.strip()):
+                raise TreeError(f"tree '{spec}': cannot read '{item}'; write {DYNAMIC_SYNTAX}")
+            params[key] = int(value)
+        return cls(**params)
+
+    def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
+        start = self.cand_offset[d]
+        level = conf[start:self.cand_offset[d + 1]]
+        return start + level.topk(self.widths[d]).indices
+
+    def select(self, tokens, conf, parent, row) -> StepTree:
+        # The N most confident candidates. A child is never more confident than its parent and
+        # candidates are laid out by depth, so a stable sort keeps every selection ancestor-closed.
+        chosen = conf[1:].sort(descending=True, stable=True).indices[: self.n - 1] + 1
+        # Renumber: the first-choice path (rank 0 all the way down) first, then by depth.
+        first = (self.cand_rank == 0) & (tokens != UNDRAFTED)
+        for _ in range(self.max_depth):
+            first = first & first[parent]
+        depth = self.cand_depth[chosen]
+        key = torch.where(first[chosen], depth, depth + self.max_depth + 1) * self.n + torch.arange(
+            self.n - 1, device=conf.device)
+        cand = torch.cat([chosen.new_zeros(1), chosen[key.argsort()]])  # node -> candidate
+        node = torch.zeros_like(parent).scatter_(0, cand, torch.arange(self.n, device=conf.device))
+        return StepTree.build(tokens[cand], node[parent[cand]], self.cand_depth[cand], self.cand_rank[cand],
+                              conf[cand], row[cand], self.max_depth, self.k)
+
+
+def parse_tree(spec: "str | Path | list | TreeSpec") -> TreeSpec:
+    """A static Tree ("2,2,1", a path list, a JSON file) or a DynamicTree ("dynamic:...")."""
+    if isinstance(spec, TreeSpec):
+        return spec
+    if isinstance(spec, str) and spec.strip().startswith("dynamic"):
+        return DynamicTree.parse(spec)
+    return Tree.parse(spec)

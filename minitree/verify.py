@@ -1,4 +1,4 @@
-"""Step 2: the target scores every node of the tree in one forward pass.
+"""Step 2: the target scores every node of this step's tree in one forward pass.
 
 Node i sits at cache slot base + i and RoPE position base + depth(i), and sees the committed
 prefix plus itself and its ancestors (attention.py).
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .tree import Tree
+from .tree import StepTree
 
 
-def verify(run, tree: Tree, tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """tokens [n] -> target logits [n, V]. `run` is the target's masked forward."""
-    nodes = torch.arange(tree.n, device=tokens.device)
-    return run(tokens, base + tree.depth, base + nodes, nodes, base, tree.anc_bits)
+def verify(run, tree: StepTree, base: torch.Tensor) -> torch.Tensor:
+    """-> target logits [n, V] at every node. `run` is the target's masked forward."""
+    nodes = torch.arange(tree.tokens.numel(), device=tree.tokens.device)
+    return run(tree.tokens.clamp(min=0), base + tree.depth, base + nodes, nodes, base, tree.anc_bits)

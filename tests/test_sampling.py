@@ -72,7 +72,9 @@ def chi_square_pvalue(counts, p):
     return float(chi2.sf(float(stat), df))
 
 
-CASES = [(tree, s, False) for tree in ("2,2,1", "3,1", "1,1,1") for s in (T1, T07)] + [("2,2,1", T07, True)]
+DYNAMIC = "dynamic:depth=3,width=2,k=2,nodes=5"  # top-k children, so the one-hot rule
+CASES = [(tree, s, False) for tree in ("2,2,1", "3,1", "1,1,1") for s in (T1, T07)] + [("2,2,1", T07, True),
+                                                                                      (DYNAMIC, T1, True), (DYNAMIC, T07, True)]
 
 
 @pytest.mark.parametrize("tree, sampling, one_hot", CASES,
@@ -108,11 +110,12 @@ def test_plain_sampling_matches_target_distribution(markov_pair):
     assert chi_square_pvalue(counts, transition_matrix(markov_pair[0], T07)) > 1e-3
 
 
-def test_negative_control_draft_softmax_for_top_k_drafts(markov_pair, monkeypatch):
+@pytest.mark.parametrize("tree", ["2,2,1", DYNAMIC])
+def test_negative_control_draft_softmax_for_top_k_drafts(markov_pair, monkeypatch, tree):
     """Top-k drafts verified as if they were draws from the draft softmax: biased, and caught."""
     real = minitree.engine.accept_sample
     monkeypatch.setattr(minitree.engine, "accept_sample", lambda *a: real(*a[:-1], False))
-    counts, _ = sample_transitions(*markov_pair, "2,2,1", T1, one_hot=True)
+    counts, _ = sample_transitions(*markov_pair, tree, T1, one_hot=True)
     pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
     print(f"negative control, draft softmax for top-k drafts: p-value {pvalue:.3g}")
     assert pvalue < 1e-6
