@@ -129,6 +129,9 @@ class MinitreeSystem:
     def nodes(self) -> int:
         return self.tree.n - 1
 
+    def warm_up(self, ids: list[int]) -> None:
+        self.engine.warm_up()
+
     def __call__(self, ids: list[int], max_new: int):
         r = self.engine.generate(ids, max_new, self.sampling, seed=self.seed)
         return r.tokens, r.stats.as_dict(self.tree.max_depth)
@@ -139,6 +142,9 @@ class HFSystem:
         self.name, self.target, self.draft, self.nodes = name, target, draft, None
         self.greedy = args.temperature == 0
         self.kwargs = dict(do_sample=not self.greedy) | ({} if self.greedy else dict(temperature=args.temperature))
+
+    def warm_up(self, ids: list[int]) -> None:
+        self(ids, 8)
 
     def __call__(self, ids: list[int], max_new: int):
         x = torch.tensor([ids], device=self.target.device)
@@ -424,7 +430,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
         warm = {}
         for s in chosen:
             t = time.perf_counter()
-            s(encoded[prompt_sets[0]][0][:64], 8)
+            s.warm_up(encoded[prompt_sets[0]][0][:64])
             warm[s.name] = time.perf_counter() - t
             progress.advance(task)
         runs = {ps: {s.name: [] for s in chosen} for ps in prompt_sets}

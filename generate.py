@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -100,9 +99,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
         compile_s = 0.0
         if compile and not engine.warm:
-            t = time.perf_counter()
-            engine.generate(ids, tree_obj.max_depth + 2, sampling, seed=seed)  # compiles every shape
-            engine.warm, compile_s = True, time.perf_counter() - t
+            compile_s, engine.warm = engine.warm_up(), True
         streamer = Streamer(tok, stream)
         result = engine.generate(ids, max_new_tokens, sampling, seed=seed, one_hot_draft=deterministic_draft,
                                  on_tokens=streamer)

@@ -77,10 +77,17 @@ class TreeMask(NamedTuple):
     base: torch.Tensor  # [] slot of the tree root; NO_TREE for causal-by-slot
     anc_bits: torch.Tensor  # [n] int64 ancestor bitmask per tree node
     flex: bool = True  # FlexAttention BlockMask, or a dense bool mask for SDPA
+    q_slot: torch.Tensor | None = None  # [T'] slots the mask rows stand for, when not the write slots
 
     def build(self, q_slot: torch.Tensor, cache_len: int):
         make = block_mask if self.flex else dense_mask
+        q_slot = q_slot if self.q_slot is None else self.q_slot
         return make(q_slot, self.q_node, self.base, self.anc_bits, cache_len)
+
+    def for_one_query(self, slots: torch.Tensor) -> "TreeMask":
+        """Compiled flex fails with a single query on CPU (DESIGN.md): a one-query forward masks two
+        identical queries instead (model.py runs its query twice through attention)."""
+        return self._replace(q_node=self.q_node.repeat(2), q_slot=slots.repeat(2)) if self.flex else self
 
     @classmethod
     def causal(cls, T: int, device, flex: bool = True) -> "TreeMask":

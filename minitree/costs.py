@@ -1,20 +1,48 @@
-"""What this machine is, and what a forward costs on it (measured, cached on disk).
+"""What this machine is, and what a forward costs on it (measured once, cached on disk).
 
-The engine's execution shapes (rows per forward, prefill chunks, the draft's int8 threshold)
-and `--tree auto` depend on how a forward's time grows with its rows, which differs between
-CPU kinds (native bf16 GEMMs on avx512_bf16, emulated ones on AVX2) and GPUs. Nothing here
-is a constant tuned on one machine: it is timed once per machine, model and dtype, and kept.
+How a forward's time grows with its rows differs between machines: on a CPU with avx512_bf16,
+oneDNN's bf16 GEMM costs about the same for 1 to 8 rows, but a single row is served faster by
+the matrix-vector kernel torch uses when oneDNN is off; on an AVX2-only CPU bf16 is emulated
+and every row costs; weight-only int8 kernels grow faster with rows than float ones on one
+kind and slower on the other; on a GPU rows are nearly free. So nothing here is a constant
+tuned on one machine. `probe` times the linear layers of one forward of a model (a few of its
+decoder layers, scaled to all, plus the lm_head) at several row counts and kernel settings,
+in seconds, and caches the result keyed by the machine, torch, threads, the model's shapes,
+dtype and quantization. A `Plan` turns those costs into execution shapes:
+
+- rows(n): how many rows a forward of n queries runs (padded where more rows are cheaper);
+- the kernel setting per row count (oneDNN on or off; where int8 copies serve);
+- prefill chunks: a prompt is cut into the cheapest sequence of a few fixed chunk shapes;
+- cost(n): the measured seconds of a forward, for `--tree auto` (auto.py).
+
+A plan changes rounding, not results: fp32 decoding is exact whatever the plan (tested); in
+bf16, forwards of different row counts or kernels may round a near-tie differently. The
+"exact" plan keeps every forward at 4 rows or more on the multi-row kernel, so bf16 chains
+round exactly like plain decoding (README, "bf16 and exactness").
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import math
 import os
 import platform
+import sys
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 ISA_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2", "fma", "neon", "asimd")
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
+GEMV_PROBE_ROWS = 16  # with oneDNN off, float GEMMs grow ~linearly in rows: not worth timing further
+PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
+PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
+CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
 
 
 @lru_cache(maxsize=None)
@@ -31,8 +59,9 @@ def machine() -> dict:
     except OSError:
         pass
     isa = [f for f in ISA_FLAGS if f in flags]
-    if os.environ.get("ATEN_CPU_CAPABILITY"):
-        isa.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):  # kernels chosen below the hardware's
+        if os.environ.get(var):
+            isa.append(f"{var}={os.environ[var]}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(cpu=cpu, isa=isa, flags=flags, cores=os.cpu_count(), gpu=gpu)
 
@@ -41,3 +70,200 @@ def describe() -> str:
     """One line for table headers: 'AMD EPYC (avx512_bf16 avx512f avx2), 2 cores'."""
     m = machine()
     return m["gpu"] or f"{m['cpu']} ({' '.join(m['isa']) or 'no SIMD flags read'}), {m['cores']} cores"
+
+
+# ----------------------------------------------------------------------------------------
+def _linears(module):
+    from .quant import Int4Linear, Int8Linear
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
+
+
+def _settings(model) -> list[str]:
+    """Kernel settings worth timing: oneDNN on; oneDNN off (torch's matrix-vector kernels) for
+    half-precision float weights on a CPU with oneDNN; the int8 copies, where a draft has them."""
+    from .quant import Int8Linear
+    w = model.model.embed_tokens.weight
+    settings = ["onednn"]
+    if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        settings.append("gemv")
+    if any(isinstance(m, Int8Linear) and m.weight is not None for m in model.modules()):
+        settings.append("int8")
+    return settings
+
+
+def probe_key(model) -> str:
+    a, w = model.args, model.model.embed_tokens.weight
+    head = model.lm_head
+    signature = dict(machine={k: v for k, v in machine().items() if k != "flags"}, torch=torch.__version__,
+                     threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
+                     shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
+                            head.out_features],
+                     quantized=getattr(model, "quantized", None), settings=_settings(model), rows=ROWS)
+    return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
+    """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not timed)."""
+    from .quant import Int8Linear
+    w = model.model.embed_tokens.weight
+    sub = list(model.model.layers)[:layers]
+    scale = model.args.n_layers / len(sub)
+    mods, head = _linears(torch.nn.ModuleList(sub)), model.lm_head
+    copies = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight is not None]
+    saved = [m.int8_rows for m in copies]
+
+    def sync():
+        if w.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    costs = {}
+    try:
+        for setting in _settings(model):
+            for m in copies:
+                m.int8_rows = frozenset(ROWS) if setting == "int8" else frozenset()
+            row = []
+            for r in ROWS:
+                if setting == "gemv" and r > GEMV_PROBE_ROWS:
+                    row.append(math.inf)
+                    continue
+                xs = {}
+                for m in mods + [head]:
+                    f = m.in_features
+                    xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
+                with torch.backends.mkldnn.flags(enabled=setting != "gemv"):
+                    t_layers = timed(lambda: [m(xs[m.in_features]) for m in mods])
+                    t_head = timed(lambda: head(xs[head.in_features]))
+                row.append(scale * t_layers + t_head)
+            costs[setting] = row
+    finally:
+        for m, saved_rows in zip(copies, saved):
+            m.int8_rows = saved_rows
+    return costs
+
+
+def cached_probe(model, name: str = "model") -> dict[str, list[float]]:
+    """probe(model), measured once per key (machine, torch, threads, shapes, dtype, quantization)."""
+    key = probe_key(model)
+    try:
+        cache = json.loads(CACHE.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return cache[key]["costs"]
+    print(f"measuring what a forward of {name} costs on this machine (once; cached in {CACHE})",
+          file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    costs = probe(model)
+    cache[key] = dict(costs=costs, rows=ROWS, machine=describe(), torch=torch.__version__,
+                      threads=torch.get_num_threads(), name=name, seconds=time.perf_counter() - t,
+                      date=time.strftime("%Y-%m-%d %H:%M"))
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, CACHE)
+    except OSError as e:  # a read-only home: measure again next time, say so once
+        print(f"note: could not cache forward costs in {CACHE} ({e.strerror})", file=sys.stderr)
+    return costs
+
+
+# ----------------------------------------------------------------------------------------
+def _interp(values: list[float], n: float) -> float:
+    """values at ROWS -> value at n (linear between probed row counts, proportional beyond)."""
+    if n >= ROWS[-1]:
+        return values[-1] * n / ROWS[-1]
+    for i in range(1, len(ROWS)):
+        if n <= ROWS[i]:
+            lo, hi = ROWS[i - 1], ROWS[i]
+            if n <= lo:
+                return values[i - 1]
+            return values[i - 1] + (values[i] - values[i - 1]) * (n - lo) / (hi - lo)
+    return values[-1]
+
+
+@dataclass(eq=False)
+class Plan:
+    """How a model runs a forward of n queries on this machine.
+
+    costs     setting -> seconds at ROWS (empty: unmeasured; then forwards run as they come)
+    min_rows  forwards are padded to at least this many rows (the "exact" plan: 4)
+    int8_max  unmeasured plans: int8 weight copies (drafts) serve forwards of at most this many rows
+    """
+    costs: dict = field(default_factory=dict)
+    min_rows: int = 1
+    int8_max: int = 4
+    name: str = "none"
+
+    @classmethod
+    def measured(cls, model, name: str = "model") -> "Plan":
+        return cls(cached_probe(model, name), name="measured")
+
+    @classmethod
+    def exact(cls) -> "Plan":
+        """Every forward at >= 4 rows on the multi-row kernels: bf16 rows round alike at any count."""
+        return cls(min_rows=4, name="exact")
+
+    @lru_cache(maxsize=None)
+    def setting(self, rows: int) -> str:
+        """The kernel setting measured cheapest for a forward of `rows` rows."""
+        if not self.costs:
+            return "int8" if rows <= self.int8_max else "onednn"
+        return min(self.costs, key=lambda s: _interp(self.costs[s], rows))
+
+    def cost(self, n: int) -> float:
+        """Measured seconds of a forward of n queries (after padding). Unmeasured: one unit per
+        forward plus its share of 128 rows (fewest forwards first, then fewest rows)."""
+        if not self.costs:
+            return 1.0 + max(n, self.min_rows) / 128
+        m = self.rows(n)
+        return _interp(self.costs[self.setting(m)], m)
+
+    @lru_cache(maxsize=None)
+    def rows(self, n: int) -> int:
+        """Rows a forward of n queries runs: n, or more where that is measured to be clearly (10%)
+        cheaper."""
+        if not self.costs:
+            return max(n, self.min_rows)
+        cost = lambda m: _interp(self.costs[self.setting(m)], m) * (1 if m == n else 1 / PAD_GAIN)
+        return min([n] + [r for r in ROWS if n < r <= max(2 * n, 4)], key=cost)
+
+    def kernels(self, rows: int):
+        """Context for a forward of `rows` rows: oneDNN off where the matrix-vector kernels win."""
+        return torch.backends.mkldnn.flags(enabled=False) if self.setting(rows) == "gemv" else contextlib.nullcontext()
+
+    @lru_cache(maxsize=None)
+    def chunks(self, length: int, shapes: tuple[int, ...] = PREFILL_CHUNKS) -> tuple[int, ...]:
+        """The cheapest sequence of chunk shapes covering `length` prompt tokens."""
+        best = [(0.0, ())] + [(math.inf, ())] * length
+        for i in range(1, length + 1):
+            for c in shapes:
+                prev = best[max(i - c, 0)]
+                cost = prev[0] + self.cost(c)
+                if cost < best[i][0]:
+                    best[i] = (cost, prev[1] + (c,))
+        return best[length][1]
+
+    def apply(self, model) -> None:
+        """Give `model` this plan: its int8 weight copies serve the row counts where they pay."""
+        from .quant import Int8Linear
+        model.plan = self
+        int8_rows = frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == "int8")
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and m.weight is not None:
+                m.int8_rows = int8_rows
+
+    def describe(self) -> str:
+        """'1 -> 1 gemv, 2 -> 2 gemv, 3 -> 4 onednn, ...' for the row counts that matter."""
+        return ", ".join(f"{n}->{self.rows(n)} {self.setting(self.rows(n))}" for n in (1, 2, 3, 4, 6, 8, 11, 16, 32))

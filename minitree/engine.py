@@ -19,6 +19,7 @@ import torch
 
 from .attention import BLOCK, TreeMask
 from .accept import accept_greedy, accept_sample
+from .costs import PREFILL_CHUNKS, Plan
 from .draft import draft_tree
 from .kv import compact
 from .model import Transformer
@@ -96,11 +97,15 @@ class Engine:
     With draft=None (or tree=None) it decodes plainly. Both models get a static KV cache
     of `max_seq_len` tokens plus room for one tree; prompt + output must fit in max_seq_len.
     `attention`: "flex" (FlexAttention BlockMask) or "sdpa" (dense mask, the reference).
+    `plan`: execution shapes (costs.py): "measure" (rows, kernels and prefill chunks chosen
+    from this machine's measured costs; the default when compiled), "exact" (every forward at
+    least 4 rows: bf16 chains round like plain decoding), or "none" (forwards as they come;
+    the default when not compiled). Prompts are prefilled in chunks of `prefill_chunks` shapes.
     """
 
     def __init__(self, target: Transformer, draft: Transformer | None = None, tree: "TreeSpec | str | None" = None, *,
-                 max_seq_len: int = 2048, compile: bool = True, attention: str = "flex", prefill_chunk: int = 128,
-                 draft_cutoff: float = 0.0):
+                 max_seq_len: int = 2048, compile: bool = True, attention: str = "flex",
+                 prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0, plan: str | None = None):
         if attention not in ("flex", "sdpa"):
             raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
         if draft is not None and draft.args.vocab_size != target.args.vocab_size:
@@ -108,38 +113,61 @@ class Engine:
                               f"({target.args.vocab_size} tokens); they must share a tokenizer")
         if not 0 <= draft_cutoff < 1:
             raise EngineError(f"draft_cutoff must be in [0, 1), got {draft_cutoff}")
-        if not 0 < prefill_chunk <= BLOCK:
-            raise EngineError(f"prefill_chunk must be in 1..{BLOCK}")
-        self.device = target.lm_head.weight.device
+        if not prefill_chunks or not all(0 < c <= BLOCK for c in prefill_chunks):
+            raise EngineError(f"prefill chunks must be in 1..{BLOCK}, got {prefill_chunks}")
+        plan = plan or ("measure" if compile else "none")
+        if plan not in ("measure", "exact", "none"):
+            raise EngineError(f"plan must be 'measure', 'exact' or 'none', got {plan!r}")
+        self.device = target.model.embed_tokens.weight.device
         self.target, self.draft = target, draft if tree is not None else None
         tree = parse_tree(tree) if (tree is not None and draft is not None) else Tree([])
         self.tree = tree.to(self.device)
-        self.max_seq_len, self.prefill_chunk, self.draft_cutoff = max_seq_len, prefill_chunk, draft_cutoff
-        pad = max(prefill_chunk, self.tree.n, self.tree.n_rows) + 1
+        self.max_seq_len, self.prefill_chunks, self.draft_cutoff = max_seq_len, tuple(prefill_chunks), draft_cutoff
+        pad = max(*prefill_chunks, self.tree.n, self.tree.n_rows) + 1
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         self.models = [m for m in (target, self.draft) if m is not None]
         self.runs = []
-        for m in self.models:
+        for m, name in zip(self.models, ("the target", "the draft")):
             m.setup_cache(cache_len)
             m.compile_layers(compile)
+            {"measure": lambda: Plan.measured(m, name), "exact": Plan.exact, "none": Plan}[plan]().apply(m)
             self.runs.append(functools.partial(masked_forward, m, attention == "flex"))
         self.seq = torch.zeros(cache_len, dtype=torch.long, device=self.device)  # committed tokens
         self.L = torch.zeros((), dtype=torch.long, device=self.device)  # how many
 
     # ------------------------------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
-        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root."""
-        C, dev = self.prefill_chunk, self.device
-        ids = torch.tensor(prompt, dtype=torch.long, device=dev)
+        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root. Each model cuts the
+        prompt into the chunk shapes its plan measured to be cheapest for this length."""
+        dev = self.device
         self.seq.zero_()
-        self.seq[: len(prompt)] = ids
+        self.seq[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=dev)
         self.L.fill_(len(prompt))
-        causal = TreeMask.causal(C, dev)
-        for start in range(0, len(prompt) - 1, C):
-            slots = torch.arange(start, start + C, device=dev)
-            chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, never visible
-            for run in self.runs:
+        for m, run in zip(self.models, self.runs):
+            start = 0
+            for c in m.plan.chunks(len(prompt) - 1, self.prefill_chunks):
+                slots = torch.arange(start, start + c, device=dev)
+                chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, overwritten before seen
+                causal = TreeMask.causal(c, dev)
                 run(chunk, slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
+                start += c
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile every shape this engine runs (each prefill chunk shape of each model, every
+        draft level, verify), so that no compilation lands in a timed decode -> seconds taken."""
+        t, cutoff = time.perf_counter(), self.draft_cutoff
+        self.seq.zero_()
+        for m, run in zip(self.models, self.runs):
+            for c in self.prefill_chunks:
+                causal, slots = TreeMask.causal(c, self.device), torch.arange(c, device=self.device)
+                run(self.seq[slots], slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
+        self.draft_cutoff = 0.0  # draft every level
+        try:
+            self.generate([0, 1], self.tree.max_depth + 2)
+        finally:
+            self.draft_cutoff = cutoff
+        return time.perf_counter() - t
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
         """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, the

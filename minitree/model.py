@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .attention import TreeMask
 from .config import ModelArgs
+from .costs import Plan
 
 
 class RMSNorm(nn.Module):
@@ -89,8 +90,9 @@ class Attention(nn.Module):
         kv_cache[0].index_copy_(2, slots, k)
         kv_cache[1].index_copy_(2, slots, v)
         keys, values = kv_cache[0], kv_cache[1]  # [1, H_kv, S, D]
-        if isinstance(mask, BlockMask):
-            y = flex_attention(q, keys, values, block_mask=mask, enable_gqa=True)
+        if isinstance(mask, BlockMask):  # one query runs as two identical ones (TreeMask.build)
+            q = q if mask.seq_lengths[0] == T else q.repeat(1, 1, mask.seq_lengths[0] // T, 1)
+            y = flex_attention(q, keys, values, block_mask=mask, enable_gqa=True)[:, :, :T]
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
@@ -124,7 +126,6 @@ def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask,
     return layer(x, cos, sin, slots, kv_cache, mask.build(slots, cache_len))
 
 
-MIN_ROWS = 4  # queries per forward, at least (see Transformer.forward)
 COMPILED_RUN_LAYER = torch.compile(run_layer, fullgraph=True, dynamic=False)
 
 
@@ -146,6 +147,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_len = 0
         self.run_layer = run_layer
+        self.plan = Plan()  # execution shapes on this machine (costs.py); the engine measures one
+        self.quantized = None  # "int8" / "int4" once quant.quantize replaced the float weights
 
     def compile_layers(self, enabled: bool = True) -> None:
         """Run the layers through one compiled layer function (fullgraph, static shapes), or eagerly."""
@@ -153,7 +156,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, cache_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate the static KV cache [layers, 2, 1, H_kv, cache_len, D] and the RoPE table."""
-        a, w = self.args, self.lm_head.weight
+        a, w = self.args, self.model.embed_tokens.weight
         self.cache_len = cache_len
         self.register_buffer("kv_cache", torch.zeros(a.n_layers, 2, 1, a.n_kv_heads, cache_len, a.head_dim,
                                                      dtype=dtype or w.dtype, device=w.device), persistent=False)
@@ -163,25 +166,25 @@ class Transformer(nn.Module):
                 logits: bool = True) -> torch.Tensor | None:
         """tokens, positions, slots [T] -> logits [T, vocab] in fp32 (None when logits=False)."""
         n = tokens.numel()
-        if n < MIN_ROWS:
-            # Short forwards are padded with copies of their first query (same token, slot and mask
-            # row, so the same cache write). On CPU, kernels round differently for fewer rows: a bf16
-            # GEMM with one row takes another kernel, and FlexAttention's rows differ below 4 queries,
-            # while every query count >= 4 gives bit-identical rows. So plain decoding and every
-            # draft or verify pass round alike, and bf16 tree decoding matches plain decoding.
+        rows = self.plan.rows(n)
+        if rows > n:
+            # Padded with copies of the first query (same token, slot and mask row, so the same cache
+            # write) where the plan measured more rows to be cheaper, or to round alike (Plan.exact).
             pad = torch.cat([torch.arange(n, device=tokens.device),
-                             torch.zeros(MIN_ROWS - n, dtype=torch.long, device=tokens.device)])
-            out = self(tokens[pad], positions[pad], slots[pad], mask._replace(q_node=mask.q_node[pad]), logits)
-            return None if out is None else out[:n]
+                             torch.zeros(rows - n, dtype=torch.long, device=tokens.device)])
+            tokens, positions, slots, mask = tokens[pad], positions[pad], slots[pad], mask._replace(q_node=mask.q_node[pad])
+        if rows == 1:
+            mask = mask.for_one_query(slots)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         freqs = torch.cat((freqs, freqs), dim=-1)
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(tokens)[None]  # [1, T, dim]
-        for i, layer in enumerate(self.model.layers):
-            x = self.run_layer(layer, x, cos, sin, slots, self.kv_cache[i], mask, self.cache_len)
-        if not logits:
-            return None
-        out = self.lm_head(self.model.norm(x[0])).float()  # [T, vocab] (or fewer: quant.restrict_vocab)
+        with self.plan.kernels(rows):
+            for i, layer in enumerate(self.model.layers):
+                x = self.run_layer(layer, x, cos, sin, slots, self.kv_cache[i], mask, self.cache_len)
+            if not logits:
+                return None
+            out = self.lm_head(self.model.norm(x[0])).float()[:n]  # [n, vocab] (or fewer: quant.restrict_vocab)
         if out.shape[-1] < self.args.vocab_size:
             out = F.pad(out, (0, self.args.vocab_size - out.shape[-1]), value=float("-inf"))
         return out

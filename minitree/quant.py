@@ -1,18 +1,22 @@
-"""Cheaper drafts that keep the output exact.
+"""Weight-only quantization: cheaper drafts that keep the output exact, and quantized targets.
 
 The draft only proposes; the target decides. So the draft may be approximated in any way:
 the output stays the target's, only acceptance (and so speed) can change.
 
 - `quantize_int8(model)`: every linear (decoder layers and lm_head) gets an int8 copy of its
-  weight (per-output-channel scales) for forwards of at most INT8_MAX_ROWS rows, the draft
-  levels: there the fused int8 kernel reads half the bytes. Longer forwards (prefill, wide
-  levels) keep the bf16 weight, because on CPU that kernel slows down with every extra row
-  (measured on the 0.5B draft's lm_head: 13.4 ms int8 vs 19.6 ms bf16 at 4 rows, 48.8 vs
-  23.6 ms at 16 rows, 424 vs 107 ms at 128 rows).
+  weight (per-output-channel scales), used by forwards whose row count is in `int8_rows`: the
+  fused int8 kernel reads half the bytes, but on some CPUs it slows down with every extra row
+  faster than the float kernel does. The engine measures where it pays on this machine
+  (costs.py) and sets `int8_rows`; the other forwards keep the float weight.
 - `restrict_vocab(model, k)`: the lm_head computes logits for token ids < k only (BPE
   vocabularies are ordered by merge rank, so low ids are the frequent tokens); the other
   logits are -inf, so the draft never proposes them. For the 0.5B Qwen2.5 draft the full
   lm_head is 136M of its 494M parameters.
+
+A quantized *target* is another model: `quantize(model, "int8" | "int4")` replaces every
+linear by its weight-only quantized form, used at every row count (plain decoding, verify and
+prefill alike), and drops the float weights. Speculative decoding is then lossless with
+respect to that quantized model, and its output is what plain decoding of it gives.
 """
 
 from __future__ import annotations
@@ -24,43 +28,95 @@ from torch import nn
 from .engine import EngineError
 from .model import Transformer
 
-
-INT8_MAX_ROWS = 4
+INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """Weight-only int8 (per-output-channel scales; CPU kernel). With the float weight kept, the
+    int8 copy serves forwards whose row count is in `int8_rows`; without it, every forward."""
+
+    def __init__(self, linear: nn.Linear, keep_float: bool = True, int8_rows: frozenset = frozenset(range(1, 5))):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
+        self.weight, self.bias = (linear.weight if keep_float else None), linear.bias
+        self.out_features, self.in_features = linear.weight.shape
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # [out, 1]
         self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
         self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))
+        self.int8_rows = int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]  # static under torch.compile: one branch per graph
-        if x.device.type != "cpu" or rows > INT8_MAX_ROWS:
+        if self.weight is not None and rows not in self.int8_rows:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.qweight, self.scale)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
-def quantize_int8(model: Transformer) -> Transformer:
-    """Give every nn.Linear of the decoder layers and the lm_head an int8 copy (in place)."""
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric per group of INT4_GROUP input features (torch's CPU kernel)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        if in_f % INT4_GROUP:
+            raise EngineError(f"int4 needs input sizes divisible by {INT4_GROUP}, got {in_f}")
+        self.bias, dtype = linear.bias, linear.weight.dtype
+        self.out_features, self.in_features = out_f, in_f
+        w = linear.weight.detach().float().view(out_f, in_f // INT4_GROUP, INT4_GROUP)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.int32).view(out_f, in_f)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).squeeze(-2).transpose(0, 1)
+                             .contiguous().to(dtype))  # [in / group, out, 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1), self.qweight, INT4_GROUP,
+                                                      self.scales_zeros)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def _replace_linears(model: Transformer, make) -> Transformer:
     for parent in [model, *model.model.layers.modules()]:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, make(child))
     return model
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Give every nn.Linear of the decoder layers and the lm_head an int8 copy for few-row
+    forwards (in place); the float weights stay for the others. For drafts."""
+    return _replace_linears(model, Int8Linear)
+
+
+QUANTIZE = {"int8": lambda linear: Int8Linear(linear, keep_float=False), "int4": Int4Linear}
+
+
+def quantize(model: Transformer, kind: str) -> Transformer:
+    """Replace every linear by its weight-only `kind` ("int8" or "int4") form, used at every row
+    count, and drop the float weights (in place). Weight-only kernels exist for the CPU."""
+    if kind not in QUANTIZE:
+        raise EngineError(f"quantization must be one of {', '.join(QUANTIZE)}, got {kind!r}")
+    if model.lm_head.weight.device.type != "cpu":
+        raise EngineError(f"--quantize {kind} uses torch's CPU kernels; this model is on "
+                          f"{model.lm_head.weight.device.type}")
+    model.quantized = kind
+    return _replace_linears(model, QUANTIZE[kind])
 
 
 def cheapen(draft: Transformer, int8: bool | None = None, vocab: int = 0) -> Transformer:
     """The draft made cheaper without changing the output: ids below `vocab` only (0: all), and
-    int8 copies (None: on CPU only, where the fused kernel exists)."""
+    int8 copies (None: on CPU only, where the fused kernel exists; never on a quantized draft)."""
     if vocab:
         restrict_vocab(draft, vocab)
-    if int8 if int8 is not None else draft.lm_head.weight.device.type == "cpu":
+    float_head = isinstance(draft.lm_head, nn.Linear)
+    if float_head and (int8 if int8 is not None else draft.lm_head.weight.device.type == "cpu"):
         quantize_int8(draft)
     return draft
 
@@ -69,7 +125,7 @@ def restrict_vocab(model: Transformer, k: int) -> Transformer:
     """Compute logits only for token ids < k (in place); the rest are -inf. Before quantize_int8."""
     if not 0 < k <= model.args.vocab_size:
         raise EngineError(f"draft vocabulary subset must be in 1..{model.args.vocab_size}, got {k}")
-    if isinstance(model.lm_head, Int8Linear):
+    if not isinstance(model.lm_head, nn.Linear):
         raise EngineError("restrict the draft vocabulary before quantizing it")
     model.lm_head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
     model.lm_head.out_features = k

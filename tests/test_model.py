@@ -52,8 +52,8 @@ def test_compiled_greedy_equals_transformers_generate(family_dirs, plain_engines
 @pytest.mark.slow
 def test_plain_decode_never_recompiles(plain_engines):
     engine = plain_engines["llama"]
-    prompt = list(range(1, 30))
-    warm = engine.generate(prompt, 4).tokens
+    engine.warm_up()
+    warm = engine.generate(list(range(1, 30)), 4).tokens
     torch._dynamo.config.error_on_recompile = True
     try:  # a different prompt length, then a long decode across several 128-slot blocks
         tokens = engine.generate(list(range(3, 100)), 150).tokens

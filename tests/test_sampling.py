@@ -182,7 +182,7 @@ def test_first_two_tokens_match_exact_enumeration(tmp_path, monkeypatch, broken)
         p2 = hf(seqs).logits[:, -1].double().softmax(-1)  # [16, 16]: p(x2 | x1)
     joint = p1[:, None] * p2
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=32,
-                             prefill_chunk=8)
+                             prefill_chunks=(8,))
     counts = torch.zeros(16, 16, dtype=torch.float64)
     for seed in range(SAMPLES):
         x1, x2 = engine.generate(prompt, 2, T1, seed=seed, eos_token_ids=[]).tokens
