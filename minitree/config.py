@@ -34,12 +34,19 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     architecture: str = "LlamaForCausalLM"
+    world: int = 1  # tensor parallelism: this model holds one of `world` shards (tp.py)
 
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+        split = dict(num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                     intermediate_size=self.intermediate_size, vocab_size=self.vocab_size)
+        bad = [f"{k}={v}" for k, v in split.items() if v % self.world]
+        if bad:
+            raise ConfigError(f"tensor parallelism over {self.world} ranks splits heads, MLP columns and the "
+                              f"vocabulary evenly; {', '.join(bad)} does not divide by {self.world}")
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:

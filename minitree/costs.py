@@ -73,6 +73,18 @@ def describe() -> str:
 
 
 # ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def onednn(enabled: bool):
+    """oneDNN (mkldnn) on or off for the ops run inside; what torch.backends.mkldnn.flags does,
+    without the notice it prints at every call."""
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
+
 def _linears(module):
     from .quant import Int4Linear, Int8Linear
     return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
@@ -142,7 +154,7 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
                 for m in mods + [head]:
                     f = m.in_features
                     xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
-                with torch.backends.mkldnn.flags(enabled=setting != "gemv"):
+                with onednn(setting != "gemv"):
                     t_layers = timed(lambda: [m(xs[m.in_features]) for m in mods])
                     t_head = timed(lambda: head(xs[head.in_features]))
                 row.append(scale * t_layers + t_head)
@@ -208,7 +220,9 @@ class Plan:
 
     @classmethod
     def measured(cls, model, name: str = "model") -> "Plan":
-        return cls(cached_probe(model, name), name="measured")
+        """From this machine's costs; with tensor parallelism, rank 0's, so every rank runs alike."""
+        from . import tp
+        return cls(tp.broadcast(cached_probe(model, name) if tp.world()[0] == 0 else None), name="measured")
 
     @classmethod
     def exact(cls) -> "Plan":
@@ -241,7 +255,7 @@ class Plan:
 
     def kernels(self, rows: int):
         """Context for a forward of `rows` rows: oneDNN off where the matrix-vector kernels win."""
-        return torch.backends.mkldnn.flags(enabled=False) if self.setting(rows) == "gemv" else contextlib.nullcontext()
+        return onednn(False) if self.setting(rows) == "gemv" else contextlib.nullcontext()
 
     @lru_cache(maxsize=None)
     def chunks(self, length: int, shapes: tuple[int, ...] = PREFILL_CHUNKS) -> tuple[int, ...]:

@@ -24,7 +24,9 @@ from .draft import draft_tree
 from .kv import compact
 from .model import Transformer
 from .sampling import Sampling, probs
-from .tree import StepTree, Tree, TreeSpec, parse_tree
+from . import tp
+from .auto import Auto, family
+from .tree import MAX_NODES, StepTree, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 # The shared layer function gets one graph per (model shape, query length); a bench run with
@@ -39,7 +41,9 @@ class EngineError(ValueError):
 
 def masked_forward(model: Transformer, flex: bool, tokens, positions, slots, q_node, base, anc_bits,
                    logits: bool = True):
-    """One forward of `model` over tokens [T] at `slots`, under the tree mask (attention.py)."""
+    """One forward of `model` over tokens [T] at `slots`, under the tree mask (attention.py). The
+    ancestor bits are padded to MAX_NODES, so that compiled graphs depend on the row count only."""
+    anc_bits = torch.nn.functional.pad(anc_bits, (0, MAX_NODES - anc_bits.numel()))
     return model(tokens, positions, slots, TreeMask(q_node, base, anc_bits, flex), logits)
 
 
@@ -49,9 +53,12 @@ class Stats:
     new_tokens: int = 0
     target_forwards: int = 0  # verify passes (one per step)
     draft_forwards: int = 0
+    configs: Counter = field(default_factory=Counter)  # tree auto: configuration -> steps
+    compile_s: float = 0.0  # compiling shapes first used mid-decode (tree auto), not in decode_s
     accepted: Counter = field(default_factory=Counter)  # accepted draft nodes per step -> count
     accepted_ranks: Counter = field(default_factory=Counter)  # child rank of each accepted node -> count
     prefill_s: float = 0.0
+    first_token_s: float = 0.0  # from the call to the first committed token (prefill + first step)
     time_s: dict = field(default_factory=lambda: dict(draft=0.0, verify=0.0, accept=0.0, compact=0.0, other=0.0))
 
     @property
@@ -77,9 +84,10 @@ class Stats:
         return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
                     draft_forwards=self.draft_forwards, tau=self.tau,
                     accepted_histogram={int(k): v for k, v in sorted(self.accepted.items())},
-                    acceptance_per_depth=self.acceptance_per_depth(max_depth),
+                    acceptance_per_depth=self.acceptance_per_depth(max_depth), configs=dict(self.configs),
+                    compile_s=self.compile_s,
                     accepted_ranks={int(k): v for k, v in sorted(self.accepted_ranks.items())},
-                    prefill_s=self.prefill_s, decode_s=self.decode_s,
+                    prefill_s=self.prefill_s, first_token_s=self.first_token_s, decode_s=self.decode_s,
                     tokens_per_s=self.new_tokens / max(self.decode_s, 1e-9), time_s=dict(self.time_s))
 
 
@@ -92,7 +100,8 @@ class Result:
 # ----------------------------------------------------------------------------------------
 class Engine:
     """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree` (a static
-    Tree, a DynamicTree, or their text specs: "2,2,1", "dynamic:depth=6,width=2,k=4,nodes=10").
+    Tree, a DynamicTree, their text specs: "2,2,1", "dynamic:depth=6,width=2,k=4,nodes=10", or
+    "auto": chosen every few steps for this machine and this text, auto.py).
 
     With draft=None (or tree=None) it decodes plainly. Both models get a static KV cache
     of `max_seq_len` tokens plus room for one tree; prompt + output must fit in max_seq_len.
@@ -108,6 +117,8 @@ class Engine:
                  prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0, plan: str | None = None):
         if attention not in ("flex", "sdpa"):
             raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
+        if draft is target:
+            raise EngineError("the draft must be another model instance than the target (each holds its own KV cache)")
         if draft is not None and draft.args.vocab_size != target.args.vocab_size:
             raise EngineError(f"draft vocabulary ({draft.args.vocab_size} tokens) differs from the target's "
                               f"({target.args.vocab_size} tokens); they must share a tokenizer")
@@ -120,10 +131,12 @@ class Engine:
             raise EngineError(f"plan must be 'measure', 'exact' or 'none', got {plan!r}")
         self.device = target.model.embed_tokens.weight.device
         self.target, self.draft = target, draft if tree is not None else None
-        tree = parse_tree(tree) if (tree is not None and draft is not None) else Tree([])
-        self.tree = tree.to(self.device)
+        auto = self.draft is not None and tree == "auto"
+        specs = [c.spec() for c in family()] if auto else [parse_tree(tree) if self.draft else Tree([])]
+        self.tree, self.specs = specs[0].to(self.device), {}
         self.max_seq_len, self.prefill_chunks, self.draft_cutoff = max_seq_len, tuple(prefill_chunks), draft_cutoff
-        pad = max(*prefill_chunks, self.tree.n, self.tree.n_rows) + 1
+        self.max_depth = max(s.max_depth for s in specs)
+        pad = max(*prefill_chunks, *(s.n for s in specs), *(s.n_rows for s in specs)) + 1
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         self.models = [m for m in (target, self.draft) if m is not None]
         self.runs = []
@@ -132,49 +145,74 @@ class Engine:
             m.compile_layers(compile)
             {"measure": lambda: Plan.measured(m, name), "exact": Plan.exact, "none": Plan}[plan]().apply(m)
             self.runs.append(functools.partial(masked_forward, m, attention == "flex"))
+        self.auto = Auto(draft.plan.cost, target.plan.cost) if auto else None
         self.seq = torch.zeros(cache_len, dtype=torch.long, device=self.device)  # committed tokens
         self.L = torch.zeros((), dtype=torch.long, device=self.device)  # how many
+        self.length = 0  # the same, on the host
+        self.draft_upto = 0  # the draft has cached every committed slot below this one
+        self.compiled: set[tuple[int, int]] = set()  # (model, rows) forwards run at least once
 
     # ------------------------------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
-        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root. Each model cuts the
-        prompt into the chunk shapes its plan measured to be cheapest for this length."""
-        dev = self.device
+        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root."""
         self.seq.zero_()
-        self.seq[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=dev)
+        self.seq[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         self.L.fill_(len(prompt))
+        self.length, self.draft_upto = len(prompt), len(prompt) - 1
         for m, run in zip(self.models, self.runs):
-            start = 0
-            for c in m.plan.chunks(len(prompt) - 1, self.prefill_chunks):
-                slots = torch.arange(start, start + c, device=dev)
-                chunk = self.seq[slots] * (slots < len(prompt) - 1)  # padding: token 0, overwritten before seen
-                causal = TreeMask.causal(c, dev)
-                run(chunk, slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
-                start += c
+            self._cache(m, run, 0, len(prompt) - 1)
+
+    def _cache(self, model: Transformer, run, start: int, end: int) -> None:
+        """Cache committed slots start..end-1 in `model`, in the chunk shapes its plan measured to be
+        the cheapest for this length. Padding rows write token 0 to later slots, which are always
+        written again before anything attends to them."""
+        for c in model.plan.chunks(end - start, self.prefill_chunks):
+            slots = torch.arange(start, start + c, device=self.device)
+            causal = TreeMask.causal(c, self.device)
+            run(self.seq[slots] * (slots < end), slots, slots, causal.q_node, causal.base, causal.anc_bits,
+                logits=False)
+            start += c
+
+    @staticmethod
+    def _shapes(spec: TreeSpec) -> list[tuple[int, int]]:
+        """(model, rows) of every forward a step along `spec` runs: verify; the draft's window and levels."""
+        return [(0, spec.n)] + ([(1, r) for r in (2, *spec.widths[1:])] if spec.max_depth else [])
+
+    def _compile(self, shapes: list[tuple[int, int]]) -> float:
+        """Run, once, a forward of each (model, rows) shape on scratch slots past the committed
+        tokens, so that compiling lands here -> seconds taken."""
+        t = time.perf_counter()
+        for i, rows in shapes:
+            if (i, rows) not in self.compiled:
+                self.compiled.add((i, rows))
+                slots = (self.L - 1).clamp(min=0) + torch.arange(rows, device=self.device)
+                self.runs[i](self.seq[slots], slots, slots, torch.zeros_like(slots), slots[0],
+                             torch.ones(1, dtype=torch.long, device=self.device))
+        return time.perf_counter() - t
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile every shape this engine runs (each prefill chunk shape of each model, every
-        draft level, verify), so that no compilation lands in a timed decode -> seconds taken."""
-        t, cutoff = time.perf_counter(), self.draft_cutoff
+        """Compile every shape this engine starts with (each prefill chunk shape of each model,
+        every draft level and verify), so that no compilation lands in a timed decode -> seconds.
+        Tree auto compiles the shapes of other configurations when it first chooses them."""
         self.seq.zero_()
-        for m, run in zip(self.models, self.runs):
-            for c in self.prefill_chunks:
-                causal, slots = TreeMask.causal(c, self.device), torch.arange(c, device=self.device)
-                run(self.seq[slots], slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
-        self.draft_cutoff = 0.0  # draft every level
-        try:
-            self.generate([0, 1], self.tree.max_depth + 2)
-        finally:
-            self.draft_cutoff = cutoff
-        return time.perf_counter() - t
+        self.L.zero_()
+        shapes = [(i, c) for i in range(len(self.models)) for c in self.prefill_chunks] + self._shapes(self.tree)
+        return self._compile(shapes + (self._shapes(self._spec(self.auto.current)) if self.auto else []))
+
+    def _spec(self, config) -> TreeSpec:
+        if config.name not in self.specs:
+            self.specs[config.name] = config.spec().to(self.device)
+        return self.specs[config.name]
 
     def step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool):
-        """One speculative step -> (committed tokens [D+1], how many of them count: n_acc + 1, the
-        accepted nodes' ranks [D+1], draft forwards run)."""
+        """One speculative step along self.tree -> (committed tokens [D+1], how many of them count:
+        n_acc + 1, the accepted path [D+1], this step's StepTree, draft forwards run)."""
         L, base = self.L, self.L - 1
         t = self._clock()
-        if self.draft is not None:
+        if self.tree.max_depth:
+            if self.draft_upto < self.length - 2:  # tree auto decoded plainly for a while: catch up
+                self._cache(self.draft, self.runs[1], self.draft_upto, self.length - 2)
             tree, q, levels = draft_tree(self.runs[1], self.tree, self.seq, L, sampling, one_hot_draft, generator,
                                          self.draft_cutoff)
         else:  # plain decoding: the root alone
@@ -192,12 +230,12 @@ class Engine:
         out = torch.cat([tree.tokens[path[1:]], bonus.view(1)]).scatter(0, n_acc.view(1), bonus.view(1))
         t = self._clock("accept", t)
         compact(self.target.kv_cache, base, path)
-        if self.draft is not None:
+        if levels:
             compact(self.draft.kv_cache, base, tree.draft_row[path])
         self.seq.index_copy_(0, L + torch.arange(tree.max_depth + 1, device=self.device), out)
         self.L += n_acc + 1
         self._clock("compact", t)
-        return out, n_acc + 1, tree.rank[path[1:]], levels
+        return out, n_acc + 1, path, tree, levels
 
     def _clock(self, phase: str | None = None, since: float = 0.0) -> float:
         if self.device.type == "cuda":
@@ -222,27 +260,41 @@ class Engine:
             raise EngineError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
                               f"(raise max_seq_len, or shorten the prompt)")
         eos = set(self.target.args.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        one_hot_draft = one_hot_draft or self.tree.topk_children
+        one_hot_draft = one_hot_draft or self.tree.topk_children or self.auto is not None
         generator = None
-        if not sampling.greedy:
+        if not sampling.greedy:  # with tensor parallelism, every rank draws the same numbers
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(tp.broadcast(seed if seed is not None else torch.seed()))
         stats = Stats()
         self._times = stats.time_s
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         self.prefill(prompt)
-        stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_s = time.perf_counter() - start
         out: list[int] = []
-        room = self.max_seq_len - self.tree.max_depth - 1
+        room = self.max_seq_len - self.max_depth - 1
         t0 = time.perf_counter()
         while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-            committed, count, ranks, levels = self.step(sampling, generator, one_hot_draft)
+            if self.auto is not None:
+                config = tp.broadcast(self.auto.choose())  # with tensor parallelism, rank 0 decides
+                self.tree = self._spec(config)
+                stats.compile_s += self._compile(self._shapes(self.tree))
+                before = dict(stats.time_s)
+            committed, count, path, tree, levels = self.step(sampling, generator, one_hot_draft)
             n = int(count)  # the one host sync per step
             new = committed[:n].tolist()
+            stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
+            self.length += n
+            if levels:
+                self.draft_upto = self.length - 2
             stats.target_forwards += 1
             stats.draft_forwards += levels
             stats.accepted[n - 1] += 1
-            stats.accepted_ranks.update(ranks[: n - 1].tolist())
+            stats.accepted_ranks.update(tree.rank[path[1:n]].tolist())
+            if self.auto is not None:
+                stats.configs[config.name] += 1
+                self.auto.observe(config, tree.conf.tolist(), set(path[:n].tolist()), tree.candidates.tolist(),
+                                  self.tree.cand_depth.tolist(), levels, stats.time_s["draft"] - before["draft"],
+                                  stats.time_s["verify"] - before["verify"])
             new = new[: max_new_tokens - len(out)]
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)
             new = new if stop is None else new[: stop + 1]
@@ -252,5 +304,5 @@ class Engine:
             if stop is not None:
                 break
         stats.new_tokens = len(out)
-        stats.time_s["other"] = time.perf_counter() - t0 - sum(stats.time_s.values())
+        stats.time_s["other"] = time.perf_counter() - t0 - sum(stats.time_s.values()) - stats.compile_s
         return Result(out, stats)

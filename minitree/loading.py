@@ -5,12 +5,14 @@ memory-mapped safetensors, so nothing is allocated twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from . import tp
 from .config import ConfigError, from_hf_config
 from .model import Transformer
 
@@ -35,7 +37,8 @@ def resolve(checkpoint: str | Path) -> Path:
                         f"({type(e).__name__}); is the hub reachable?") from None
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _state_dict(path: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, or with world > 1 only this rank's slices of them (tp.py)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LoadError(f"no *.safetensors files in {path}")
@@ -44,7 +47,11 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(f, framework="pt") as sf:
                 for name in sf.keys():
-                    tensors[name] = sf.get_tensor(name)
+                    if world == 1:
+                        tensors[name] = sf.get_tensor(name)
+                        continue
+                    part = sf.get_slice(name)
+                    tensors[name] = tp.shard(name, part.__getitem__, tuple(part.get_shape()), rank, world)
         except Exception as e:
             raise LoadError(f"{f} is not a readable safetensors file ({e})") from None
     return tensors
@@ -53,7 +60,9 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_state(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
     """Assign `tensors` (HF names) to a meta-device `model`, checking every name and shape."""
     if model.args.tie_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        rows = model.lm_head.weight.shape[0]  # this rank's vocabulary rows, when tensor-parallel
+        rank = tp.world()[0] if model.args.world > 1 else 0
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"][rank * rows:(rank + 1) * rows]
     expected = dict(model.named_parameters())
     for name, param in expected.items():
         if name not in tensors:
@@ -65,21 +74,26 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torc
 
 
 def load(checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         tokenizer: bool = True) -> Transformer:
-    """Load a Llama-family checkpoint. The tokenizer (or None) is attached as `model.tokenizer`."""
+         tokenizer: bool = True, tensor_parallel: bool = False) -> Transformer:
+    """Load a Llama-family checkpoint. The tokenizer (or None) is attached as `model.tokenizer`.
+    tensor_parallel: inside a process group of several ranks (tp.init), load only this rank's
+    shard of the model (tp.py)."""
     path = resolve(checkpoint)
+    rank, world = tp.world() if tensor_parallel else (0, 1)
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+        if world > 1:
+            raise LoadError(f"tensor parallelism reads safetensors checkpoints; {path} is GGUF")
         return _load_gguf(path, dtype, device, tokenizer)
     config = path / "config.json"
     if not config.exists():
         raise LoadError(f"{path} has no config.json (expected a Hugging Face checkpoint directory or a .gguf file)")
     try:
-        args = from_hf_config(json.loads(config.read_text()))
+        args = dataclasses.replace(from_hf_config(json.loads(config.read_text())), world=world)
     except (KeyError, json.JSONDecodeError) as e:
         raise LoadError(f"{config} is not a usable model config ({type(e).__name__}: {e})") from None
     with torch.device("meta"):
         model = Transformer(args)
-    load_state(model, _state_dict(path), dtype, device)
+    load_state(model, _state_dict(path, rank, world), dtype, device)
     model.eval().requires_grad_(False)
     model.tokenizer = load_tokenizer(path) if tokenizer else None
     return model

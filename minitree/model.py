@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -64,14 +66,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of every rank's partial output of a row-parallel layer (tensor parallelism, tp.py);
+    a functional collective, so that it is traced into the compiled layer."""
+    return x if world == 1 else funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
 class Attention(nn.Module):
+    """This rank's heads (all of them unless tensor-parallel): q/k/v split by heads, o_proj by rows."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // args.world, args.n_kv_heads // args.world, args.head_dim
+        self.q_proj = nn.Linear(args.dim, self.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
@@ -99,11 +109,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """This rank's columns of the MLP: gate/up split by columns, down_proj by rows."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        hidden = args.intermediate_size // args.world
+        self.gate_proj = nn.Linear(args.dim, hidden, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, hidden, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(hidden, args.dim, bias=args.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -116,10 +129,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.world = args.world
 
     def forward(self, x, cos, sin, slots, kv_cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_cache, mask), self.world)
+        return x + all_reduce(self.mlp(self.post_attention_layernorm(x)), self.world)
 
 
 def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask, cache_len: int):
@@ -144,7 +158,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size // args.world, bias=False)  # this rank's vocabulary rows
         self.cache_len = 0
         self.run_layer = run_layer
         self.plan = Plan()  # execution shapes on this machine (costs.py); the engine measures one
@@ -158,7 +172,7 @@ class Transformer(nn.Module):
         """Allocate the static KV cache [layers, 2, 1, H_kv, cache_len, D] and the RoPE table."""
         a, w = self.args, self.model.embed_tokens.weight
         self.cache_len = cache_len
-        self.register_buffer("kv_cache", torch.zeros(a.n_layers, 2, 1, a.n_kv_heads, cache_len, a.head_dim,
+        self.register_buffer("kv_cache", torch.zeros(a.n_layers, 2, 1, a.n_kv_heads // a.world, cache_len, a.head_dim,
                                                      dtype=dtype or w.dtype, device=w.device), persistent=False)
         self.register_buffer("inv_freq", rope_frequencies(a).to(w.device), persistent=False)
 
@@ -185,6 +199,9 @@ class Transformer(nn.Module):
             if not logits:
                 return None
             out = self.lm_head(self.model.norm(x[0])).float()[:n]  # [n, vocab] (or fewer: quant.restrict_vocab)
+        if self.args.world > 1:  # every rank's vocabulary rows, side by side
+            out = funcol.all_gather_tensor(out, 0, dist.group.WORLD).view(self.args.world, n, -1)
+            out = out.transpose(0, 1).reshape(n, -1)
         if out.shape[-1] < self.args.vocab_size:
             out = F.pad(out, (0, self.args.vocab_size - out.shape[-1]), value=float("-inf"))
         return out

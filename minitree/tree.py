@@ -58,6 +58,7 @@ class StepTree(NamedTuple):
     paths      [n, D+1]  root-to-node path, padded by repeating the node
     children   [n, K]    children by rank, -1 padded
     draft_row  [n]       the draft's cache row (slot - base) of nodes it expanded, 0 for the others
+    candidates [M]       confidence of every candidate the draft proposed (-1: not drafted; [0]: root)
     """
     tokens: torch.Tensor
     parents: torch.Tensor
@@ -68,9 +69,11 @@ class StepTree(NamedTuple):
     paths: torch.Tensor
     children: torch.Tensor
     draft_row: torch.Tensor
+    candidates: torch.Tensor
 
     @classmethod
-    def build(cls, tokens, parents, depth, rank, conf, draft_row, max_depth: int, k: int) -> "StepTree":
+    def build(cls, tokens, parents, depth, rank, conf, draft_row, max_depth: int, k: int,
+              candidates: torch.Tensor | None = None) -> "StepTree":
         """Derive ancestors, paths and children from parent pointers (no host sync)."""
         n = parents.numel()
         nodes = torch.arange(n, device=parents.device)
@@ -84,7 +87,8 @@ class StepTree(NamedTuple):
         anc_bits = (anc.long() << nodes).sum(1)
         slot = torch.where(nodes > 0, parents * k + rank, n * k)  # the root goes to a spare slot
         children = torch.full((n * k + 1,), -1, dtype=torch.long, device=parents.device).scatter_(0, slot, nodes)
-        return cls(tokens, parents, depth, rank, conf, anc_bits, paths, children[: n * k].view(n, k), draft_row)
+        return cls(tokens, parents, depth, rank, conf, anc_bits, paths, children[: n * k].view(n, k), draft_row,
+                   conf if candidates is None else candidates)
 
     @property
     def max_depth(self) -> int:
@@ -243,7 +247,7 @@ class Tree(TreeSpec):
         return self.frontiers[d]
 
     def select(self, tokens, conf, parent, row) -> StepTree:
-        return self.step._replace(tokens=tokens[self.cand], conf=conf[self.cand])
+        return self.step._replace(tokens=tokens[self.cand], conf=conf[self.cand], candidates=conf)
 
     @classmethod
     def parse(cls, spec: "str | Path | list | Tree") -> "Tree":
@@ -338,7 +342,7 @@ class DynamicTree(TreeSpec):
         cand = torch.cat([chosen.new_zeros(1), chosen[key.argsort()]])  # node -> candidate
         node = torch.zeros_like(parent).scatter_(0, cand, torch.arange(self.n, device=conf.device))
         return StepTree.build(tokens[cand], node[parent[cand]], self.cand_depth[cand], self.cand_rank[cand],
-                              conf[cand], row[cand], self.max_depth, self.k)
+                              conf[cand], row[cand], self.max_depth, self.k, conf)
 
 
 def parse_tree(spec: "str | Path | list | TreeSpec") -> TreeSpec:

@@ -219,9 +219,10 @@ def test_blocks_crossed_during_decoding(tree_runs):
 
 
 @pytest.mark.parametrize("spec", ["1,1,1,1", "2,2,1", "3,1,1", "dynamic:depth=3,width=4,k=2,nodes=14"])
-def test_draft_equal_to_target_accepts_every_depth(pair, spec):
+def test_draft_equal_to_target_accepts_every_depth(pair, pair_dirs, spec):
     target, _ = pair
-    engine = minitree.Engine(target, target, spec, compile=False, attention="sdpa", max_seq_len=512)
+    same = minitree.load(pair_dirs[0])  # a second instance: each model has its own cache
+    engine = minitree.Engine(target, same, spec, compile=False, attention="sdpa", max_seq_len=512)
     result = engine.generate(PROMPT, 40)
     depth = minitree.parse_tree(spec).max_depth
     assert set(result.stats.accepted) == {depth}

@@ -1,0 +1,189 @@
+"""`--tree auto`: the engine picks the tree for this machine and this text, online.
+
+Tokens per second of a configuration = expected committed tokens per step / seconds per step.
+Both factors are learned here, and the best configuration of a small family is re-chosen
+every few steps:
+
+- seconds per step: the forward costs measured on this machine (costs.py: the linear layers
+  at each row count, cached on disk), plus a fixed time per forward learned from the measured
+  phase times (what the probe does not see: attention, norms, Python);
+- acceptance: a calibration table over the draft's confidence (the product of its
+  probabilities along a node's path): how often the target accepted nodes of that confidence,
+  started from the prior that the draft is calibrated (acceptance = confidence);
+- expected committed tokens of a configuration = 1 + the calibrated acceptance summed over the
+  nodes it would verify. The draft proposes many candidates each step; a configuration of
+  depth D and N nodes verifies the N most confident candidates of depth <= D, so one step's
+  candidates score every configuration at once. Levels deeper than the ones drafted are
+  extrapolated from the draft's mean child probability per rank; while the deepest level is
+  often accepted, every DEEPER-th step drafts deeper, so that those levels are seen too;
+- what a configuration did when it ran: its committed tokens and seconds per step, which
+  outweigh the model's prediction once it has run a few steps (TRUST).
+
+The family: plain decoding, and dynamic trees of width W and k children with every depth in
+DEPTHS and verify budget in NODES (one target graph per budget, compiled when first chosen).
+Plain decoding is chosen when no tree is predicted to pay (a useless draft); while decoding
+plainly, one speculative step in EXPLORE keeps the statistics fresh. The choice only decides
+what is drafted and verified; every step is lossless, whatever is chosen.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+from .tree import DynamicTree, Tree, TreeSpec
+
+DEPTHS = (1, 2, 3, 4, 5, 6, 8)
+NODES = (1, 3, 5, 7, 10, 15)
+WIDTH, K = 2, 4
+EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)  # confidence buckets
+PRIOR_WEIGHT = 4.0  # pseudo-observations per bucket behind the prior
+DECAY = 0.97  # per step: how fast old steps are forgotten (~30 steps of memory)
+RECHOOSE = 4  # steps between choices
+SWITCH_GAIN = 1.03  # switch only for a predicted gain of 3%
+EXPLORE = 16  # while decoding plainly, one speculative step in this many
+DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
+TRUST = 3.0  # a configuration's prediction counts as this many measured steps
+
+
+@dataclass
+class Config:
+    depth: int  # 0: plain decoding
+    nodes: int
+
+    @property
+    def name(self) -> str:
+        return "plain" if self.depth == 0 else f"dynamic:depth={self.depth},width={WIDTH},k={K},nodes={self.nodes}"
+
+    def spec(self) -> TreeSpec:
+        return Tree([]) if self.depth == 0 else DynamicTree(self.depth, WIDTH, K, self.nodes)
+
+
+def family() -> list[Config]:
+    configs = [Config(0, 0)]
+    for d in DEPTHS:
+        spec = DynamicTree(d, WIDTH, K, 1)
+        configs += [Config(d, n) for n in NODES if n <= spec.n_candidates - 1]
+    return configs
+
+
+@dataclass
+class Auto:
+    """Chooses each step's configuration; `observe` feeds it what each step drafted, accepted and cost."""
+    draft_cost: callable  # rows -> seconds of one draft forward (measured probe)
+    verify_cost: callable  # rows -> seconds of one target forward
+    configs: list[Config] = field(default_factory=family)
+    hits: list[float] = field(default_factory=list)  # per confidence bucket: accepted (prior included)
+    seen: list[float] = field(default_factory=list)  # per confidence bucket: verified (prior included)
+    scores: dict = field(default_factory=dict)  # (depth, nodes) -> decayed sum of expected accepted nodes
+    weight: float = 0.0  # decayed number of scored steps
+    child_p: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.05, 0.03])  # mean child probability by rank
+    draft_extra: float = 0.0  # seconds per forward beyond the probe's linear layers, per model
+    verify_extra: float = 0.0
+    runs: dict = field(default_factory=dict)  # config name -> decayed [steps, tokens, seconds] it ran
+    saturated: float = 0.5  # decayed fraction of steps that accepted down to the deepest level
+    current: Config | None = None
+    steps: int = 0
+
+    def __post_init__(self):
+        mids = [(a + min(b, 1.0)) / 2 for a, b in zip(EDGES, EDGES[1:])]
+        self.hits = [PRIOR_WEIGHT * m for m in mids]
+        self.seen = [PRIOR_WEIGHT] * len(mids)
+        self.current = next(c for c in self.configs if c.depth == 4 and c.nodes == 7)
+        self.draft_extra = 0.3 * self.draft_cost(1)  # a prior, until steps are timed
+        self.verify_extra = 0.3 * self.verify_cost(1)
+
+    # ------------------------------------------------------------------------------------
+    def acceptance(self, conf: float) -> float:
+        b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
+        return self.hits[b] / self.seen[b]
+
+    def draft_seconds(self, depth: int, levels: int | None = None) -> float:
+        widths = DynamicTree(depth, WIDTH, K, 1).widths[:levels]  # level 0: the 2-token window
+        return sum(self.draft_cost(w) for w in (2, *widths[1:])) + len(widths) * self.draft_extra
+
+    def modelled(self, c: Config) -> tuple[float, float]:
+        """(committed tokens, seconds) per step, from the acceptance and cost models."""
+        verify = self.verify_cost(c.nodes + 1 if c.depth else 1) + self.verify_extra
+        if c.depth == 0:
+            return 1.0, verify
+        return 1.0 + self.scores.get((c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c.depth)
+
+    def predicted(self, c: Config) -> float:
+        """Tokens per second: the model's prediction, outweighed by what the configuration did."""
+        tokens, seconds = self.modelled(c)
+        steps, ran_tokens, ran_seconds = self.runs.get(c.name, (0.0, 0.0, 0.0))
+        return (ran_tokens + TRUST * tokens) / (ran_seconds + TRUST * seconds)
+
+    def choose(self) -> Config:
+        """This step's configuration."""
+        self.steps += 1
+        if self.weight and self.steps % RECHOOSE == 0:
+            best = self.best()
+            if self.predicted(best) > SWITCH_GAIN * self.predicted(self.current):
+                self.current = best
+        if self.current.depth == 0:
+            if self.steps % EXPLORE == 0:  # a look at what the draft would do now
+                return self.best(speculative=True)
+        elif self.steps % DEEPER == 0 and self.saturated > 0.3 and self.current.depth < max(DEPTHS):
+            deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
+            return min((c for c in self.configs if c.depth == deeper and c.nodes >= self.current.nodes),
+                       key=lambda c: c.nodes)
+        return self.current
+
+    def best(self, speculative: bool = False) -> Config:
+        return max((c for c in self.configs if c.depth or not speculative), key=self.predicted)
+
+    # ------------------------------------------------------------------------------------
+    def observe(self, config: Config, verified: list[float], accepted: set[int], candidates: list[float],
+                cand_depth: list[int], levels: int, draft_s: float, verify_s: float) -> None:
+        """One step: the confidences of the verified nodes (root first) and which were accepted,
+        the confidence and depth of every drafted candidate, the draft levels run, phase times."""
+        for run in self.runs.values():
+            run[:] = [DECAY * v for v in run]
+        run = self.runs.setdefault(config.name, [0.0, 0.0, 0.0])
+        run[0] += 1
+        run[1] += len(accepted)  # the accepted nodes with the root: the committed tokens
+        run[2] += draft_s + verify_s
+        extra = verify_s - self.verify_cost(config.nodes + 1 if config.depth else 1)
+        self.verify_extra = 0.9 * self.verify_extra + 0.1 * max(extra, 0.0)
+        if config.depth == 0:
+            return
+        extra = (draft_s - self.draft_seconds(config.depth, levels) + levels * self.draft_extra) / levels
+        self.draft_extra = 0.9 * self.draft_extra + 0.1 * max(extra, 0.0)
+        self.saturated = 0.9 * self.saturated + 0.1 * (len(accepted) - 1 >= config.depth)
+        # calibration: each verified node's confidence, and whether it was accepted
+        for i, conf in enumerate(verified[1:], 1):
+            b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
+            self.seen[b] += 1
+            self.hits[b] += i in accepted
+        self._score(candidates, cand_depth)
+
+    def _score(self, candidates: list[float], cand_depth: list[int]) -> None:
+        """Expected accepted nodes of every (depth, nodes) configuration, from this step's candidates."""
+        by_depth = {}
+        for conf, d in zip(candidates[1:], cand_depth[1:]):
+            if conf >= 0:
+                by_depth.setdefault(d, []).append(conf)
+        if not by_depth:
+            return
+        drafted = max(by_depth)
+        for r, p in enumerate(sorted(by_depth[1], reverse=True)[: len(self.child_p)]):  # the root's children
+            self.child_p[r] = 0.95 * self.child_p[r] + 0.05 * p
+        frontier = sorted(by_depth[drafted], reverse=True)[:WIDTH]
+        for d in range(drafted + 1, max(DEPTHS) + 1):  # extrapolated deeper levels
+            by_depth[d] = [f * p for f in frontier for p in self.child_p]
+            frontier = sorted(by_depth[d], reverse=True)[:WIDTH]
+        self.weight = DECAY * self.weight + 1
+        for key in self.scores:
+            self.scores[key] *= DECAY
+        pool = []
+        for d in range(1, max(DEPTHS) + 1):
+            pool += by_depth.get(d, [])
+            if d in DEPTHS:
+                gain = [0.0]  # gain[n]: expected accepted nodes among the n most confident
+                for conf in sorted(pool, reverse=True)[: max(NODES)]:
+                    gain.append(gain[-1] + self.acceptance(conf))
+                for n in NODES:
+                    self.scores[(d, n)] = self.scores.get((d, n), 0.0) + gain[min(n, len(gain) - 1)]

@@ -1,0 +1,79 @@
+"""--tree auto: lossless while it switches configurations, and it learns when drafting pays."""
+
+import random
+
+import pytest
+import torch
+
+import minitree
+import minitree.auto as auto_mod
+from minitree.auto import Auto, Config
+from tiny import save_random
+from test_sampling import T1, chi_square_pvalue, markov_pair, sample_transitions, transition_matrix  # noqa: F401
+
+PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def cycling(monkeypatch, seed=0):
+    """Make Auto.choose pick configurations at random (plain included): every switch, catch-up
+    after plain steps and new shape is exercised."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(Auto, "choose", lambda self: self.configs[0] if rng.random() < 0.4 else rng.choice(self.configs))
+
+
+def test_greedy_exact_while_switching(pair, monkeypatch):
+    target, draft = pair
+    cycling(monkeypatch)
+    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=512).generate(PROMPT, 90).tokens
+    result = minitree.Engine(target, draft, "auto", compile=False, max_seq_len=512).generate(PROMPT, 90)
+    assert result.tokens == plain
+    assert len(result.stats.configs) >= 8 and result.stats.configs["plain"] >= 10
+    assert sum(result.stats.accepted_ranks.values()) > 0
+
+
+def test_sampling_matches_target_while_switching(markov_pair, monkeypatch):
+    cycling(monkeypatch, seed=1)
+    counts, tau = sample_transitions(*markov_pair, "auto", T1)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"auto, configurations at random: tau {tau:.3f}, p-value {pvalue:.3g}")
+    assert tau > 1.1 and pvalue > 1e-3
+
+
+def cheap_draft_costs(engine):
+    """Costs shaped like the CPU's: a draft forward a fifth of a target forward."""
+    engine.auto.draft_cost = lambda rows: 0.2 + 0.01 * rows
+    engine.auto.verify_cost = lambda rows: 1.0 + 0.02 * rows
+    engine.auto.draft_extra = engine.auto.verify_extra = 0.0
+
+
+def test_learns_to_stop_drafting_with_a_useless_draft(pair, tmp_path):
+    target, _ = pair
+    save_random(tmp_path / "unrelated", "qwen2", seed=99, tie_word_embeddings=False)
+    engine = minitree.Engine(target, minitree.load(tmp_path / "unrelated"), "auto", compile=False, max_seq_len=512)
+    cheap_draft_costs(engine)
+    configs = engine.generate(PROMPT, 120).stats.configs
+    print(dict(configs))
+    assert configs["plain"] >= 0.75 * sum(configs.values())
+
+
+def test_keeps_drafting_with_a_good_draft(pair, pair_dirs):
+    target, _ = pair
+    copy = minitree.load(pair_dirs[0])  # the draft always agrees (its own instance: its own cache)
+    engine = minitree.Engine(target, copy, "auto", compile=False, max_seq_len=512)
+    cheap_draft_costs(engine)
+    stats = engine.generate(PROMPT, 120).stats
+    print(dict(stats.configs))
+    assert stats.configs["plain"] == 0 and stats.tau > 2.5
+
+
+def test_calibration_and_prediction():
+    """A draft whose confidence overstates acceptance is learned as such; deeper trees are
+    predicted to pay only while nodes are accepted."""
+    a = Auto(lambda rows: 0.05, lambda rows: 0.2)
+    assert a.acceptance(0.9) == pytest.approx(0.925)  # the prior: calibrated
+    for _ in range(200):  # nodes of confidence ~0.9 are accepted a third of the time
+        a.observe(Config(2, 3), [1.0, 0.9, 0.9, 0.9], {0, 1}, [1.0, 0.9, 0.05, 0.9, 0.9], [0, 1, 1, 2, 2], 2,
+                  0.1, 0.2)
+    assert a.acceptance(0.9) == pytest.approx(1 / 3, abs=0.02)
+    assert a.predicted(Config(0, 0)) == pytest.approx(1 / 0.2, rel=0.05)
+    assert a.predicted(a.best()) >= a.predicted(Config(0, 0))

@@ -1,0 +1,104 @@
+"""Execution plans from measured costs, the probe and its cache, and quantized targets."""
+
+import math
+
+import pytest
+import torch
+
+import minitree
+import minitree.costs as costs
+from minitree.costs import ROWS, Plan
+from minitree.quant import Int4Linear, Int8Linear
+
+PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def table(fn):
+    return [fn(r) for r in ROWS]
+
+
+# Shaped like the two CPU kinds (seconds of a forward's linear layers, per kernel setting):
+AVX512 = dict(onednn=table(lambda r: 0.21 if r == 1 else 0.16 + 0.0075 * r),  # one row is its slow case
+              gemv=table(lambda r: 0.086 * r if r <= 16 else math.inf),
+              int8=table(lambda r: 0.03 + 0.012 * r))
+AVX2 = dict(onednn=table(lambda r: 0.02 + 0.03 * r), gemv=table(lambda r: 0.02 + 0.03 * r if r <= 16 else math.inf))
+
+
+def test_plan_on_an_avx512_like_machine():
+    plan = Plan(AVX512)
+    assert plan.setting(1) == "int8" and plan.setting(64) == "onednn"
+    assert [plan.rows(n) for n in (1, 2, 3, 5, 11)] == [1, 2, 3, 5, 11]  # nothing is cheaper padded
+    no_int8 = Plan({k: v for k, v in AVX512.items() if k != "int8"})
+    assert no_int8.setting(1) == "gemv" and no_int8.setting(3) == "onednn"
+    assert no_int8.rows(1) == 1 and no_int8.chunks(100) == (128,) and no_int8.chunks(20) == (32,)
+
+
+def test_plan_on_an_avx2_like_machine():
+    """Every row costs: no padding, prefill chunks that follow the prompt length."""
+    plan = Plan(AVX2)
+    assert all(plan.rows(n) == n for n in range(1, 40))
+    assert plan.chunks(20) == (8, 8, 8) and plan.chunks(7) == (8,) and sum(plan.chunks(200)) < 256
+
+
+def test_padding_where_more_rows_are_cheaper():
+    plan = Plan(dict(onednn=table(lambda r: {1: 0.3, 2: 0.29, 3: 0.28}.get(r, 0.2 + 0.001 * r))))
+    assert [plan.rows(n) for n in (1, 2, 3, 4, 5)] == [4, 4, 4, 4, 5]
+    assert plan.cost(1) == pytest.approx(0.204)
+
+
+def test_exact_and_unmeasured_plans():
+    assert [Plan.exact().rows(n) for n in (1, 3, 4, 9)] == [4, 4, 4, 9]
+    assert Plan().rows(1) == 1 and Plan().chunks(300) == (128, 128, 128)  # fewest forwards
+
+
+def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(costs, "CACHE", tmp_path / "costs.json")
+    draft = minitree.quantize_int8(minitree.load(pair_dirs[1], dtype=torch.bfloat16))
+    measured = costs.cached_probe(draft, "tiny draft")
+    assert set(measured) == {"onednn", "gemv", "int8"}
+    assert all(0 < t < 1 for t in measured["onednn"]) and math.isinf(measured["gemv"][-1])
+    monkeypatch.setattr(costs, "probe", lambda *a, **k: pytest.fail("measured twice"))
+    assert costs.cached_probe(draft) == measured
+    plan = Plan.measured(draft)
+    plan.apply(draft)
+    assert draft.lm_head.int8_rows == {r for r in range(1, 129) if plan.setting(r) == "int8"}
+    target = minitree.load(pair_dirs[0], dtype=torch.bfloat16)  # another model: another key
+    monkeypatch.setattr(costs, "probe", lambda *a, **k: {"onednn": [1.0] * len(ROWS)})
+    assert costs.cached_probe(target) == {"onednn": [1.0] * len(ROWS)}
+
+
+@pytest.mark.parametrize("plan", [Plan.exact(), Plan(AVX512), Plan(dict(onednn=table(lambda r: 1 / r)))],
+                         ids=["exact", "avx512-like", "pads-everything"])
+def test_decoding_is_exact_whatever_the_plan(pair, plan):
+    """Plans pad forwards, pick kernels and cut prompts differently; fp32 output stays the same."""
+    target, draft = pair
+    ref = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256).generate(PROMPT, 40).tokens
+    engine = minitree.Engine(target, draft, "dynamic:depth=4,width=2,k=2,nodes=6", compile=False, max_seq_len=256)
+    for m in (target, draft):
+        plan.apply(m)
+    try:
+        assert engine.generate(PROMPT, 40).tokens == ref
+    finally:
+        for m in (target, draft):
+            Plan().apply(m)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_target_is_decoded_losslessly(pair_dirs, kind):
+    """A quantized target is another model: tree decoding reproduces its own plain decoding."""
+    target = minitree.quantize(minitree.load(pair_dirs[0]), kind)
+    draft = minitree.load(pair_dirs[1])
+    cls = Int8Linear if kind == "int8" else Int4Linear
+    assert isinstance(target.lm_head, cls) and isinstance(target.model.layers[0].mlp.down_proj, cls)
+    assert getattr(target.lm_head, "weight", None) is None  # the float weights are gone
+    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256).generate(PROMPT, 40).tokens
+    tree = minitree.Engine(target, draft, "2,2,1", compile=False, attention="flex", max_seq_len=256)
+    result = tree.generate(PROMPT, 40)
+    assert result.tokens == plain and result.stats.tau > 1.2
+    reference = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, max_seq_len=256).generate(PROMPT, 40)
+    print(f"{kind}: {sum(a == b for a, b in zip(plain, reference.tokens))}/40 tokens as the float target's")
+
+
+def test_quantize_rejects_unknown_kinds(pair):
+    with pytest.raises(minitree.EngineError, match="quantization must be one of int8, int4"):
+        minitree.quantize(pair[0], "int3")
