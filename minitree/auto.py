@@ -22,7 +22,8 @@ every few steps:
 The family: plain decoding, and dynamic trees of width W and k children with every depth in
 DEPTHS and verify budget in NODES (one target graph per budget, compiled when first chosen).
 Plain decoding is chosen when no tree is predicted to pay (a useless draft); while decoding
-plainly, one speculative step in EXPLORE keeps the statistics fresh. The choice only decides
+plainly, one speculative step in EXPLORE (RARELY, when no tree comes close) keeps the
+statistics fresh. The choice only decides
 what is drafted and verified; every step is lossless, whatever is chosen.
 """
 
@@ -39,10 +40,12 @@ NODES = (1, 3, 5, 7, 10, 15)
 WIDTH, K = 2, 4
 EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)  # confidence buckets
 PRIOR_WEIGHT = 4.0  # pseudo-observations per bucket behind the prior
-DECAY = 0.97  # per step: how fast old steps are forgotten (~30 steps of memory)
+DECAY = 0.93  # per step: how fast old steps are forgotten (~15 steps of memory: a new prompt takes over fast)
 RECHOOSE = 4  # steps between choices
 SWITCH_GAIN = 1.03  # switch only for a predicted gain of 3%
-EXPLORE = 16  # while decoding plainly, one speculative step in this many
+EXPLORE = 16  # while decoding plainly, one speculative step in this many (when one is close: CLOSE) ...
+RARELY = 64  # ... or in this many (when none is)
+CLOSE = 0.9  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
 
@@ -124,8 +127,10 @@ class Auto:
             if self.predicted(best) > SWITCH_GAIN * self.predicted(self.current):
                 self.current = best
         if self.current.depth == 0:
-            if self.steps % EXPLORE == 0:  # a look at what the draft would do now
-                return self.best(speculative=True)
+            tree = self.best(speculative=True)
+            close = self.predicted(tree) >= CLOSE * self.predicted(self.current)
+            if self.steps % (EXPLORE if close else RARELY) == 0:  # a look at what the draft would do now
+                return tree
         elif self.steps % DEEPER == 0 and self.saturated > 0.3 and self.current.depth < max(DEPTHS):
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
             return min((c for c in self.configs if c.depth == deeper and c.nodes >= self.current.nodes),

@@ -154,13 +154,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
-        """Cache prompt[:-1] in every model; prompt[-1] becomes the first root."""
+        """Cache prompt[:-1] in the target; prompt[-1] becomes the first root. The draft catches up
+        when it first drafts (step), so that tree auto decoding plainly never pays for it."""
         self.seq.zero_()
         self.seq[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         self.L.fill_(len(prompt))
-        self.length, self.draft_upto = len(prompt), len(prompt) - 1
-        for m, run in zip(self.models, self.runs):
-            self._cache(m, run, 0, len(prompt) - 1)
+        self.length, self.draft_upto = len(prompt), 0
+        self._cache(self.target, self.runs[0], 0, len(prompt) - 1)
 
     def _cache(self, model: Transformer, run, start: int, end: int) -> None:
         """Cache committed slots start..end-1 in `model`, in the chunk shapes its plan measured to be
@@ -211,7 +211,7 @@ class Engine:
         L, base = self.L, self.L - 1
         t = self._clock()
         if self.tree.max_depth:
-            if self.draft_upto < self.length - 2:  # tree auto decoded plainly for a while: catch up
+            if self.draft_upto < self.length - 2:  # after the prompt, or when tree auto decoded plainly
                 self._cache(self.draft, self.runs[1], self.draft_upto, self.length - 2)
             tree, q, levels = draft_tree(self.runs[1], self.tree, self.seq, L, sampling, one_hot_draft, generator,
                                          self.draft_cutoff)
