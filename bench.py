@@ -41,7 +41,7 @@ import minitree
 from minitree.costs import describe as describe_machine, machine
 from minitree.config import from_hf_config
 from minitree.engine import Stats
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, FetchError, fetch
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, fetch
 
 ROOT = Path(__file__).resolve().parent
 CHAINS = ["1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
@@ -440,6 +440,9 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     names = list(dict.fromkeys(["plain", *names]))  # the baseline of every speedup is always measured
     for name in names:
         system_parts(name)  # bad input is reported before any model is loaded
+    rank, world = minitree.tp.init()  # under torchrun: minitree's target is sharded over the processes
+    if world > 1 and (hf := [n for n in names if n.startswith("hf")]):
+        raise minitree.EngineError(f"under torchrun only minitree systems run; drop {', '.join(hf)}")
     prompt_sets = [prompts_file.stem] if prompts_file else sets.split(",")
     args = argparse.Namespace(max_seq_len=max_seq_len, no_compile=no_compile, temperature=temperature, seed=seed,
                               draft_cutoff=draft_cutoff, plan=plan)
@@ -455,10 +458,11 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
         raise minitree.EngineError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)} "
                                    f"(or --prompts-file FILE)")
     texts = {ps: read_prompts_file(prompts_file, prompts) if prompts_file else load_prompts(ps, prompts)
-             for ps in prompt_sets}
-    target_dir, draft_dir = (fetch(n) if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
-                                                                            draft or DEFAULT_DRAFT))
-    target = minitree.load(target_dir, dtype=torch_dtype, device=device)
+             for ps in prompt_sets} if rank == 0 else None  # rank 0 installs the prompt sets
+    texts = minitree.tp.broadcast(texts)
+    target_dir, draft_dir = (Path(minitree.tp.broadcast(str(fetch(n)) if rank == 0 else None)) if n in MODELS
+                             else Path(n) for n in (checkpoint or DEFAULT_TARGET, draft or DEFAULT_DRAFT))
+    target = minitree.load(target_dir, dtype=torch_dtype, device=device, tensor_parallel=True)
     drafter = minitree.load(draft_dir, dtype=torch_dtype, device=device, tokenizer=False)
     minitree.cheapen(drafter, draft_int8, draft_vocab)
     tok = target.tokenizer
@@ -472,7 +476,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
             chosen.append(MinitreeSystem(name, targets, drafter, args))
     encoded = {ps: [minitree.encode(tok, t, chat) for t in texts[ps]] for ps in prompt_sets}
     from rich.progress import Progress
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, disable=rank > 0) as progress:
         task = progress.add_task("warm-up (compiling every shape)", total=len(chosen))
         warm = {}
         for s in chosen:
@@ -493,9 +497,12 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                     runs[ps][s.name].append(dict(tokens=tokens, new_tokens=len(tokens), wall_s=wall, stats=stats,
                                                  peak_rss=mem.peak, prompt_tokens=len(ids)))
                     progress.update(task, advance=1, description=f"{ps} {s.name}")
+    if rank > 0:
+        return 0
     table = summarize(runs, chosen, prompt_sets)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
-                machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype,
+                machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), world_size=world,
+                dtype=dtype,
                 temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
                 prompts_file=str(prompts_file or ""), chat=chat, target=str(target_dir.name),
                 draft_int8=draft_int8, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff, plan=plan,
@@ -555,8 +562,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(**vars(parse_args())))
-    except (minitree.LoadError, minitree.TreeError, minitree.SamplingError, minitree.EngineError, FetchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    minitree.cli.run(main, parse_args())

@@ -15,12 +15,9 @@ from pathlib import Path
 import torch
 
 import minitree
-from minitree.config import ConfigError
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
-USER_ERRORS = (minitree.LoadError, ConfigError, minitree.TreeError, minitree.SamplingError, minitree.EngineError,
-               FetchError, OSError)
 
 
 def load_model(name: str, dtype: torch.dtype, device: str, tensor_parallel: bool = False) -> minitree.Transformer:
@@ -218,16 +215,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        sys.exit(main(**vars(args)))
-    except USER_ERRORS as e:
-        if minitree.tp.world()[0] == 0:  # every rank meets the same bad input; one says so
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.distributed.DistError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"error: rank {minitree.tp.world()[0]} lost contact with the other ranks ({first})", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    minitree.cli.run(main, parse_args())

@@ -30,7 +30,6 @@ what is drafted and verified; every step is lossless, whatever is chosen.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 
 from .tree import DynamicTree, Tree, TreeSpec

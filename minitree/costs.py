@@ -24,6 +24,7 @@ round exactly like plain decoding (README, "bf16 and exactness").
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +33,6 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled gra
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
 
 
-@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def machine() -> dict:
     """CPU model, its instruction-set flags (and the few that decide the kernels), cores, GPU."""
     cpu, flags = platform.processor() or platform.machine(), []
@@ -114,6 +114,11 @@ def probe_key(model) -> str:
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _run_all(mods, xs: dict) -> None:
+    for m in mods:
+        m(xs[m.in_features])
+
+
 @torch.inference_mode()
 def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
     """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not timed)."""
@@ -155,8 +160,8 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
                     f = m.in_features
                     xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
                 with onednn(setting != "gemv"):
-                    t_layers = timed(lambda: [m(xs[m.in_features]) for m in mods])
-                    t_head = timed(lambda: head(xs[head.in_features]))
+                    t_layers = timed(functools.partial(_run_all, mods, xs))
+                    t_head = timed(functools.partial(_run_all, [head], xs))
                 row.append(scale * t_layers + t_head)
             costs[setting] = row
     finally:
@@ -229,7 +234,7 @@ class Plan:
         """Every forward at >= 4 rows on the multi-row kernels: bf16 rows round alike at any count."""
         return cls(min_rows=4, name="exact")
 
-    @lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)
     def setting(self, rows: int) -> str:
         """The kernel setting measured cheapest for a forward of `rows` rows."""
         if not self.costs:
@@ -244,7 +249,7 @@ class Plan:
         m = self.rows(n)
         return _interp(self.costs[self.setting(m)], m)
 
-    @lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)
     def rows(self, n: int) -> int:
         """Rows a forward of n queries runs: n, or more where that is measured to be clearly (10%)
         cheaper."""
@@ -257,7 +262,7 @@ class Plan:
         """Context for a forward of `rows` rows: oneDNN off where the matrix-vector kernels win."""
         return onednn(False) if self.setting(rows) == "gemv" else contextlib.nullcontext()
 
-    @lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)
     def chunks(self, length: int, shapes: tuple[int, ...] = PREFILL_CHUNKS) -> tuple[int, ...]:
         """The cheapest sequence of chunk shapes covering `length` prompt tokens."""
         best = [(0.0, ())] + [(math.inf, ())] * length

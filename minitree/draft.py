@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .sampling import Sampling, draw_without_replacement, probs
-from .tree import UNDRAFTED, StepTree, TreeSpec
+from .tree import UNDRAFTED, TreeSpec
 
 
 def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling: Sampling, one_hot: bool,

@@ -26,7 +26,7 @@ from .model import Transformer
 from .sampling import Sampling, probs
 from . import tp
 from .auto import Auto, family
-from .tree import MAX_NODES, StepTree, Tree, TreeSpec, parse_tree
+from .tree import MAX_NODES, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 # The shared layer function gets one graph per (model shape, query length); a bench run with
@@ -143,7 +143,7 @@ class Engine:
         for m, name in zip(self.models, ("the target", "the draft")):
             m.setup_cache(cache_len)
             m.compile_layers(compile)
-            {"measure": lambda: Plan.measured(m, name), "exact": Plan.exact, "none": Plan}[plan]().apply(m)
+            (Plan.measured(m, name) if plan == "measure" else Plan.exact() if plan == "exact" else Plan()).apply(m)
             self.runs.append(functools.partial(masked_forward, m, attention == "flex"))
         self.auto = Auto(draft.plan.cost, target.plan.cost) if auto else None
         self.seq = torch.zeros(cache_len, dtype=torch.long, device=self.device)  # committed tokens

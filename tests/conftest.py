@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 import minitree
+import minitree.costs
 from tiny import save_random, save_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cost_cache(tmp_path_factory):
+    """Forward costs the tests measure stay out of the user's cache."""
+    minitree.costs.CACHE = tmp_path_factory.mktemp("cache") / "costs.json"
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +40,13 @@ def pair_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pair(pair_dirs):
     return minitree.load(pair_dirs[0]), minitree.load(pair_dirs[1])
+
+
+@pytest.fixture(scope="session")
+def markov_pair(tmp_path_factory):
+    """Models without decoder layers (test_sampling.py): the next token depends on the last one only."""
+    root = tmp_path_factory.mktemp("markov")
+    kw = dict(num_hidden_layers=0, vocab_size=32, tie_word_embeddings=False)
+    save_random(root / "target", "llama", seed=11, head_scale=10.0, **kw)
+    save_random(root / "draft", "llama", seed=12, noise_from=root / "target", noise=0.5, **kw)
+    return minitree.load(root / "target"), minitree.load(root / "draft")

@@ -35,7 +35,7 @@ def run_script(script: str, *argv: str) -> None:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as e:
         if e.code:
-            raise SystemExit(f"fresh install: {script} {' '.join(argv)} exited with {e.code}")
+            raise SystemExit(f"fresh install: {script} {' '.join(argv)} exited with {e.code}") from None
 
 
 def main() -> int:

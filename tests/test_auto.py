@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import minitree
-import minitree.auto as auto_mod
 from minitree.auto import Auto, Config
 from tiny import save_random
-from test_sampling import T1, chi_square_pvalue, markov_pair, sample_transitions, transition_matrix  # noqa: F401
+from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
 
 PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
 

@@ -21,20 +21,11 @@ from minitree.attention import TreeMask
 from minitree.sampling import probs
 from tiny import save_random
 
-V = 32
+V = 32  # the vocabulary of conftest.markov_pair
 SAMPLES = 20_000
 RUN = 1000  # tokens per generate() call (keeps the dense masks small)
 T1 = minitree.Sampling(temperature=1.0)
 T07 = minitree.Sampling(temperature=0.7, top_p=0.9)
-
-
-@pytest.fixture(scope="module")
-def markov_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("markov")
-    kw = dict(num_hidden_layers=0, vocab_size=V, tie_word_embeddings=False)
-    save_random(root / "target", "llama", seed=11, head_scale=10.0, **kw)
-    save_random(root / "draft", "llama", seed=12, noise_from=root / "target", noise=0.5, **kw)
-    return minitree.load(root / "target"), minitree.load(root / "draft")
 
 
 def transition_matrix(model, sampling):
