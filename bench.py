@@ -228,8 +228,9 @@ def step_costs(systems: list, prefix: int = 256, warmup: int = 3, repeats: int =
                     times.update(dict.fromkeys(times, 0.0))
                 engine.L.fill_(prefix)
                 engine.step(s.sampling, None, False)
+                engine.draft_upto = engine.length - 2  # the draft caught up with the prefix in the first step
         engine.draft_cutoff = cutoff
-        c = {k: v / repeats for k, v in times.items() if k != "other"}
+        c = {k: v / repeats for k, v in times.items() if k not in ("other", "catch_up")}
         c["draft_level"] = c["draft"] / engine.tree.max_depth if engine.tree.max_depth else 0.0
         costs[s.name] = c
     return costs

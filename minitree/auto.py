@@ -22,8 +22,9 @@ every few steps:
 The family: plain decoding, and dynamic trees of width W and k children with every depth in
 DEPTHS and verify budget in NODES (one target graph per budget, compiled when first chosen).
 Plain decoding is chosen when no tree is predicted to pay (a useless draft); while decoding
-plainly, one speculative step in EXPLORE (RARELY, when no tree comes close) keeps the
-statistics fresh. The choice only decides
+plainly, one speculative step in EXPLORE (RARELY, when no tree is predicted to be as fast)
+keeps the statistics fresh; such a step first pays for the draft catching up with the tokens
+decoded plainly, which is why it is rare. The choice only decides
 what is drafted and verified; every step is lossless, whatever is chosen.
 """
 
@@ -42,9 +43,9 @@ PRIOR_WEIGHT = 4.0  # pseudo-observations per bucket behind the prior
 DECAY = 0.93  # per step: how fast old steps are forgotten (~15 steps of memory: a new prompt takes over fast)
 RECHOOSE = 4  # steps between choices
 SWITCH_GAIN = 1.03  # switch only for a predicted gain of 3%
-EXPLORE = 16  # while decoding plainly, one speculative step in this many (when one is close: CLOSE) ...
+EXPLORE = 16  # while decoding plainly, one speculative step in this many (when a tree is close: CLOSE) ...
 RARELY = 64  # ... or in this many (when none is)
-CLOSE = 0.9  # predicted speed of the best tree relative to plain decoding that makes it worth a look
+CLOSE = 1.0  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
 
@@ -132,7 +133,8 @@ class Auto:
                 return tree
         elif self.steps % DEEPER == 0 and self.saturated > 0.3 and self.current.depth < max(DEPTHS):
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
-            return min((c for c in self.configs if c.depth == deeper and c.nodes >= self.current.nodes),
+            nodes = self.current.nodes + deeper - self.current.depth  # room to accept the deeper levels too
+            return min((c for c in self.configs if c.depth == deeper and c.nodes >= min(nodes, max(NODES))),
                        key=lambda c: c.nodes)
         return self.current
 

@@ -59,7 +59,10 @@ class Stats:
     accepted_ranks: Counter = field(default_factory=Counter)  # child rank of each accepted node -> count
     prefill_s: float = 0.0
     first_token_s: float = 0.0  # from the call to the first committed token (prefill + first step)
-    time_s: dict = field(default_factory=lambda: dict(draft=0.0, verify=0.0, accept=0.0, compact=0.0, other=0.0))
+    # phases of decoding; catch_up: the draft caching the tokens committed while it did not draft
+    # (the prompt, deferred from prefill; tree auto's plain steps)
+    time_s: dict = field(default_factory=lambda: dict(catch_up=0.0, draft=0.0, verify=0.0, accept=0.0, compact=0.0,
+                                                       other=0.0))
 
     @property
     def tau(self) -> float:
@@ -213,6 +216,7 @@ class Engine:
         if self.tree.max_depth:
             if self.draft_upto < self.length - 2:  # after the prompt, or when tree auto decoded plainly
                 self._cache(self.draft, self.runs[1], self.draft_upto, self.length - 2)
+                t = self._clock("catch_up", t)
             tree, q, levels = draft_tree(self.runs[1], self.tree, self.seq, L, sampling, one_hot_draft, generator,
                                          self.draft_cutoff)
         else:  # plain decoding: the root alone
