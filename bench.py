@@ -393,13 +393,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def report_costs(costs: dict, acceptance_from: Path | None, prompt_sets: list[str], dtype: str, device: str,
-                 out: Path | None) -> int:
+def report_costs(costs: dict, plans: dict, acceptance_from: Path | None, prompt_sets: list[str], dtype: str,
+                 device: str, out: Path | None) -> int:
     from rich.console import Console
     from rich.table import Table
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
-                device=describe_machine(),
-                torch=torch.__version__, dtype=dtype, acceptance_from=str(acceptance_from or ""))
+                device=describe_machine(), torch=torch.__version__, dtype=dtype,
+                acceptance_from=str(acceptance_from or ""),
+                plans={name: dict(shapes=p.describe(), costs_s=p.costs) for name, p in plans.items()})
+    if all(p.costs for p in plans.values()):  # measured plans (--plan measure, compiled)
+        table = Table(title="the linear layers of one forward as minitree/costs.py measured them here (ms, with "
+                            "the kernel setting chosen): the costs behind plans and --tree auto")
+        table.add_column("queries")
+        for name in plans:
+            table.add_column(name, justify="right")
+        for n in (1, 2, 3, 4, 8, 11, 16, 32, 128):
+            table.add_row(str(n), *(f"{1e3 * p.cost(n):.1f} {p.setting(p.rows(n))}" +
+                                    (f" ({p.rows(n)} rows)" if p.rows(n) != n else "") for p in plans.values()))
+        Console().print(table)
     table = Table(title=f"step costs on random weights (ms), {meta['device']}, {dtype}, {meta['date']}, {meta['commit']}")
     for col in ("system", "draft level", "all levels", "verify", "accept", "compact"):
         table.add_column(col, justify="left" if col == "system" else "right")
@@ -454,7 +465,8 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
         minitree.cheapen(drafter, draft_int8, draft_vocab)
         chosen = [MinitreeSystem(n, quantized_targets(target, names), drafter, args) for n in names
                   if not n.startswith("hf")]
-        return report_costs(step_costs(chosen), acceptance_from, prompt_sets, dtype, device, out)
+        return report_costs(step_costs(chosen), dict(target=target.plan, draft=drafter.plan), acceptance_from,
+                            prompt_sets, dtype, device, out)
     if not prompts_file and (unknown := [ps for ps in prompt_sets if ps not in PROMPT_SETS]):
         raise minitree.EngineError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)} "
                                    f"(or --prompts-file FILE)")

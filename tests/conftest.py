@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import minitree
@@ -11,8 +13,10 @@ from tiny import save_random, save_tokenizer
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cost_cache(tmp_path_factory):
-    """Forward costs the tests measure stay out of the user's cache."""
-    minitree.costs.CACHE = tmp_path_factory.mktemp("cache") / "costs.json"
+    """Forward costs the tests measure stay out of the user's cache (also in the scripts they run)."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["MINITREE_CACHE"] = str(cache)
+    minitree.costs.CACHE = cache / "costs.json"
 
 
 @pytest.fixture(scope="session")

@@ -62,9 +62,13 @@ def test_bench_cost_only_predicts_from_an_acceptance_profile(pair_dirs, tmp_path
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(dict(runs=dict(code={"2,2,1@0.5": [stats(10, 25, 3.0), stats(30, 45, 2.0)]}))))
     out = tmp_path / "costs.json"
-    bench("--cost-only", "--checkpoint", target_dir, "--draft", draft_dir, "--systems", "2,2,1@0.5;hf", "--sets", "code",
-          "--no-compile", "--dtype", "float32", "--acceptance-from", profile, "--out", out)
+    run = bench("--cost-only", "--checkpoint", target_dir, "--draft", draft_dir, "--systems", "2,2,1@0.5;hf",
+                "--sets", "code", "--no-compile", "--plan", "measure", "--dtype", "float32", "--acceptance-from", profile,
+                "--out", out)
     result = json.loads(out.read_text())
+    plans = result["meta"]["plans"]  # the forward costs behind plans and --tree auto, from minitree/costs.py
+    assert set(plans) == {"target", "draft"} and all(p["costs_s"]["onednn"] for p in plans.values())
+    assert "minitree/costs.py" in run.stdout
     costs = result["costs_ms"]
     assert set(costs) == {"plain", "2,2,1@0.5"}  # transformers systems have no step phases
     assert costs["plain"]["draft_level"] == 0 and costs["2,2,1@0.5"]["draft_level"] > 0
