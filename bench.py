@@ -29,6 +29,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -356,6 +357,16 @@ def print_table(table: dict, prompt_sets: list[str], systems: list, header: str)
         Console().print(t)
 
 
+def short(name: str) -> str:
+    """A plot label: a path list by its size, a dynamic tree by its numbers (the table has the full names)."""
+    spec, at, rest = name.partition("@")
+    if spec.startswith("["):
+        spec = f"paths({spec.count('(')})"
+    elif spec.startswith("dynamic:"):
+        spec = "dyn " + " ".join(k[0] + v for k, _, v in (part.partition("=") for part in spec[8:].split(",")))
+    return spec + at + rest
+
+
 def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: str) -> None:
     """One panel per prompt set: speedup against draft nodes per step for minitree's systems (plain
     at 0); transformers' systems and minitree auto as labelled horizontal lines."""
@@ -367,19 +378,20 @@ def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: 
         ours = [(s.nodes, table[f"{ps}/{s.name}"]["speedup"], s.name) for s in systems if s.nodes is not None]
         ax.plot([x for x, _, _ in ours], [y for _, y, _ in ours], "o", color="tab:blue", label="minitree")
         for x, y, name in ours:
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(short(name), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for i, s in enumerate(x for x in systems if x.nodes is None):
             y = table[f"{ps}/{s.name}"]["speedup"]
             label = f"transformers {s.name}" if isinstance(s, HFSystem) else f"minitree {s.name} (chooses per step)"
             ax.axhline(y, color=f"C{i + 1}", ls="--", lw=1)
-            ax.annotate(f"{label}: {y:.2f}x", (0, y), fontsize=8, color=f"C{i + 1}", xytext=(2, 3),
-                        textcoords="offset points")
+            ax.annotate(f"{label}: {y:.2f}x", (1, y), xycoords=("axes fraction", "data"), fontsize=8,
+                        color=f"C{i + 1}", xytext=(-2, -10), textcoords="offset points", ha="right")
         ax.axhline(1.0, color="gray", lw=0.6)
         ax.set_title(ps)
         ax.set_xlabel("draft nodes verified per step")
         ax.set_ylabel("speedup vs minitree plain decoding")
         ax.set_ylim(bottom=0)
-    fig.suptitle(title, fontsize=9)
+        ax.set_xlim(-0.5, 1.6 * max([x for x, _, _ in ours] + [4]))  # room on the right for the reference labels
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
