@@ -143,6 +143,17 @@ def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask,
 COMPILED_RUN_LAYER = torch.compile(run_layer, fullgraph=True, dynamic=False)
 
 
+def pin_vector_width() -> None:
+    """Name in Inductor's config the SIMD width its CPU code is written for. Inductor picks the
+    width from ATEN_CPU_CAPABILITY, but its on-disk graph cache key leaves that out (torch
+    2.13): code written for 8 lanes under `ATEN_CPU_CAPABILITY=avx2` was later compiled for 16
+    natively, and decoded wrong tokens. A width in the config is part of the key."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    if config.cpp.simdlen is None and (isa := pick_vec_isa()):
+        config.cpp.simdlen = isa.bit_width()
+
+
 class Backbone(nn.Module):
     """HF's `model.*` submodule: embeddings, layers, final norm."""
 
@@ -166,6 +177,8 @@ class Transformer(nn.Module):
 
     def compile_layers(self, enabled: bool = True) -> None:
         """Run the layers through one compiled layer function (fullgraph, static shapes), or eagerly."""
+        if enabled and self.model.embed_tokens.weight.device.type == "cpu":
+            pin_vector_width()
         self.run_layer = COMPILED_RUN_LAYER if enabled else run_layer
 
     def setup_cache(self, cache_len: int, dtype: torch.dtype | None = None) -> None:

@@ -24,12 +24,14 @@ def test_user_prompts_and_systems_without_plain(pair_dirs, tmp_path):
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text(json.dumps({"prompt": "def fib(n):"}) + "\n" + json.dumps({"prompt": "x = [1, 2"}) + "\n")
     out = tmp_path / "bench.json"
-    systems = "[(0,), (1,), (0, 0)];1,1,1@0.001;hf;hf-assisted"
+    systems = "[(0,), (1,), (0, 0)];1,1,1@0.001;hf;hf-assisted;plain+int8;1,1,1+int8"
     proc = bench("--checkpoint", pair_dirs[0], "--draft", pair_dirs[1], "--prompts-file", prompts, "--no-chat",
                  "--systems", systems, "--max-new-tokens", 12, "--no-compile", "--dtype", "float32", "--out", out)
     result = json.loads(out.read_text())
     names = ["plain", "[(0,), (1,), (0, 0)]", "1,1,1@0.001", "hf", "hf-assisted"]
-    assert list(result["results"]) == [f"mine/{n}" for n in names]
+    assert list(result["results"]) == [f"mine/{n}" for n in names + ["plain+int8", "1,1,1+int8"]]
+    quantized = [[r["tokens"] for r in result["runs"]["mine"][n]] for n in ("plain+int8", "1,1,1+int8")]
+    assert quantized[0] == quantized[1]  # lossless with respect to the quantized target, beside the float one
     for name in names:
         row = result["results"][f"mine/{name}"]
         assert 0 < row["speedup"] < 100 and row["agreement"] == 1.0  # fp32 greedy: every system is exact

@@ -1,6 +1,9 @@
 """The Llama-family model against transformers, loading, and plain compiled decoding."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +63,23 @@ def test_plain_decode_never_recompiles(plain_engines):
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert len(tokens) == 150 and len(warm) == 4
+
+
+def test_compiled_code_is_cached_per_vector_width(family_dirs):
+    """Inductor writes CPU code for the SIMD width ATEN_CPU_CAPABILITY picks, but its on-disk cache
+    key leaves the width out: code cached under AVX2 emulation was compiled for AVX-512 later and
+    decoded wrong tokens. compile_layers names the width in Inductor's config, which is in the key."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    script = ("import sys, minitree; from torch._inductor import config; "
+              "minitree.load(sys.argv[1]).compile_layers(); print(config.cpp.simdlen)")
+
+    def width(**env) -> str:
+        run = subprocess.run([sys.executable, "-c", script, str(family_dirs["llama"])], env=os.environ | env,
+                             capture_output=True, text=True, check=True)
+        return run.stdout.split()[-1]
+
+    assert width() == str(pick_vec_isa().bit_width())
+    assert width(ATEN_CPU_CAPABILITY="avx2") == "256"  # differs from the native width on AVX-512 CPUs
 
 
 def test_sampled_plain_decoding_is_seeded(family_dirs):
