@@ -86,18 +86,21 @@ def onednn(enabled: bool):
 
 
 def _linears(module):
-    from .quant import Int4Linear, Int8Linear
-    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
+    from .quant import Fp32Linear, Int4Linear, Int8Linear
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear, Fp32Linear))]
 
 
 def _settings(model) -> list[str]:
-    """Kernel settings worth timing: oneDNN on; oneDNN off (torch's matrix-vector kernels) for
-    half-precision float weights on a CPU with oneDNN; the int8 copies, where a draft has them."""
+    """Kernel settings worth timing: oneDNN on; for half-precision float weights on a CPU with
+    oneDNN, oneDNN off (torch's matrix-vector kernels) and fp32 copies of the weights (where bf16
+    is emulated, fp32 rows are cheaper); the int8 copies, where a draft has them."""
     from .quant import Int8Linear
     w = model.model.embed_tokens.weight
     settings = ["onednn"]
     if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         settings.append("gemv")
+        if not model.quantized and not any(isinstance(m, Int8Linear) for m in model.modules()):
+            settings.append("fp32")
     if any(isinstance(m, Int8Linear) and m.weight is not None for m in model.modules()):
         settings.append("int8")
     return settings
@@ -150,6 +153,11 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
         for setting in _settings(model):
             for m in copies:
                 m.int8_rows = frozenset(ROWS) if setting == "int8" else frozenset()
+            run_mods, run_head = mods, head
+            if setting == "fp32":  # fp32 copies of the probed layers only, for as long as they are timed
+                from .quant import Fp32Linear
+                run_mods, run_head = ([Fp32Linear(m, frozenset(ROWS)) for m in ms] for ms in (mods, [head]))
+                run_head = run_head[0]
             row = []
             for r in ROWS:
                 if setting == "gemv" and r > GEMV_PROBE_ROWS:
@@ -160,8 +168,8 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
                     f = m.in_features
                     xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
                 with onednn(setting != "gemv"):
-                    t_layers = timed(functools.partial(_run_all, mods, xs))
-                    t_head = timed(functools.partial(_run_all, [head], xs))
+                    t_layers = timed(functools.partial(_run_all, run_mods, xs))
+                    t_head = timed(functools.partial(_run_all, [run_head], xs))
                 row.append(scale * t_layers + t_head)
             costs[setting] = row
     finally:
@@ -275,13 +283,20 @@ class Plan:
         return best[length][1]
 
     def apply(self, model) -> None:
-        """Give `model` this plan: its int8 weight copies serve the row counts where they pay."""
-        from .quant import Int8Linear
+        """Give `model` this plan: its int8 weight copies (drafts) and fp32 weight copies (made
+        here, the first time a row count is measured to be cheaper in fp32) serve the row counts
+        where they pay."""
+        from .quant import Fp32Linear, Int8Linear, _replace_linears
         model.plan = self
-        int8_rows = frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == "int8")
+        int8_rows, fp32_rows = (frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == s)
+                                for s in ("int8", "fp32"))
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight is not None:
                 m.int8_rows = int8_rows
+            if isinstance(m, Fp32Linear):
+                m.fp32_rows = fp32_rows
+        if fp32_rows and not isinstance(model.lm_head, Fp32Linear):  # the copies, once: 2x the weight memory
+            _replace_linears(model, lambda linear: Fp32Linear(linear, fp32_rows))
 
     def describe(self) -> str:
         """'1 -> 1 gemv, 2 -> 2 gemv, 3 -> 4 onednn, ...' for the row counts that matter."""

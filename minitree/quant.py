@@ -54,6 +54,25 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Fp32Linear(nn.Module):
+    """A half-precision linear with an fp32 copy of its weight, used by forwards whose row count is
+    in `fp32_rows`: where bf16 is emulated (AVX2), fp32 GEMMs cost far less per row. The same
+    weights, computed at higher precision; the output is cast back."""
+
+    def __init__(self, linear: nn.Linear, fp32_rows: frozenset = frozenset()):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.out_features, self.in_features = linear.weight.shape
+        self.register_buffer("weight32", linear.weight.detach().float())
+        self.register_buffer("bias32", None if linear.bias is None else linear.bias.detach().float())
+        self.fp32_rows = fp32_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] in self.fp32_rows:  # static under torch.compile
+            return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric per group of INT4_GROUP input features (torch's CPU kernel)."""
 

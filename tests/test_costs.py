@@ -8,7 +8,7 @@ import torch
 import minitree
 import minitree.costs as costs
 from minitree.costs import ROWS, Plan
-from minitree.quant import Int4Linear, Int8Linear
+from minitree.quant import Fp32Linear, Int4Linear, Int8Linear
 
 PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -38,6 +38,23 @@ def test_plan_on_an_avx2_like_machine():
     plan = Plan(AVX2)
     assert all(plan.rows(n) == n for n in range(1, 40))
     assert plan.chunks(20) == (8, 8, 8) and plan.chunks(7) == (8,) and sum(plan.chunks(200)) < 256
+
+
+def test_fp32_copies_where_bf16_rows_are_dear(pair_dirs):
+    """bf16 emulated (AVX2): fp32 weight copies serve the many-row forwards; decoding stays exact."""
+    plan = Plan(AVX2 | dict(fp32=table(lambda r: 0.25 + 0.004 * r)))
+    assert plan.setting(1) == "onednn" and plan.setting(32) == "fp32" and plan.chunks(200) == (128, 128)
+    bf16 = minitree.load(pair_dirs[0], dtype=torch.bfloat16)
+    plan.apply(bf16)
+    assert isinstance(bf16.lm_head, Fp32Linear) and isinstance(bf16.model.layers[0].mlp.down_proj, Fp32Linear)
+    assert bf16.lm_head.fp32_rows == {r for r in range(1, 129) if r >= 9}
+    assert torch.equal(bf16.lm_head.weight32, bf16.lm_head.weight.float())
+    ref = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, attention="sdpa").generate(PROMPT, 40).tokens
+    target, draft = minitree.load(pair_dirs[0]), minitree.load(pair_dirs[1])
+    engine = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256)
+    for m in (target, draft):
+        plan.apply(m)  # fp32 models: the copies compute exactly what the weights do
+    assert engine.generate(PROMPT, 40).tokens == ref
 
 
 def test_padding_where_more_rows_are_cheaper():
