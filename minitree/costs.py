@@ -156,8 +156,8 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
             run_mods, run_head = mods, head
             if setting == "fp32":  # fp32 copies of the probed layers only, for as long as they are timed
                 from .quant import Fp32Linear
-                run_mods, run_head = ([Fp32Linear(m, frozenset(ROWS)) for m in ms] for ms in (mods, [head]))
-                run_head = run_head[0]
+                run_mods = [Fp32Linear(m, frozenset(ROWS)) for m in mods]
+                run_head = Fp32Linear(head, frozenset(ROWS))
             row = []
             for r in ROWS:
                 if setting == "gemv" and r > GEMV_PROBE_ROWS:
