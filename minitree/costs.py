@@ -41,7 +41,8 @@ ISA_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2", "fma",
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
 GEMV_PROBE_ROWS = 16  # with oneDNN off, float GEMMs grow ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
-PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
+PREFILL_CHUNKS = (8, 32, 128)
+COPIES = ("packed", "fp32")  # kernel settings served by copies of the weights (quant.CopiedLinear)  # the prefill chunk shapes (each one compiled graph per model)
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
 
 
@@ -86,13 +87,14 @@ def onednn(enabled: bool):
 
 
 def _linears(module):
-    from .quant import Fp32Linear, Int4Linear, Int8Linear
-    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear, Fp32Linear))]
+    from .quant import CopiedLinear, Int4Linear, Int8Linear
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear, CopiedLinear))]
 
 
 def _settings(model) -> list[str]:
     """Kernel settings worth timing: oneDNN on; for half-precision float weights on a CPU with
-    oneDNN, oneDNN off (torch's matrix-vector kernels) and fp32 copies of the weights (where bf16
+    oneDNN, oneDNN off (torch's matrix-vector kernels), and for a model without int8 copies the
+    copies of quant.CopiedLinear: the weights packed in oneDNN's layout, and in fp32 (where bf16
     is emulated, fp32 rows are cheaper); the int8 copies, where a draft has them."""
     from .quant import Int8Linear
     w = model.model.embed_tokens.weight
@@ -100,10 +102,21 @@ def _settings(model) -> list[str]:
     if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         settings.append("gemv")
         if not model.quantized and not any(isinstance(m, Int8Linear) for m in model.modules()):
-            settings.append("fp32")
+            settings += ["packed", "fp32"] if _packs(w.dtype) else ["fp32"]
     if any(isinstance(m, Int8Linear) and m.weight is not None for m in model.modules()):
         settings.append("int8")
     return settings
+
+
+@functools.lru_cache(maxsize=None)
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype here (bf16 needs avx512bw/vl/dq or avx_ne_convert,
+    and ONEDNN_MAX_CPU_ISA=AVX2 rules them out)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def probe_key(model) -> str:
@@ -154,10 +167,10 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
             for m in copies:
                 m.int8_rows = frozenset(ROWS) if setting == "int8" else frozenset()
             run_mods, run_head = mods, head
-            if setting == "fp32":  # fp32 copies of the probed layers only, for as long as they are timed
-                from .quant import Fp32Linear
-                run_mods = [Fp32Linear(m, frozenset(ROWS)) for m in mods]
-                run_head = Fp32Linear(head, frozenset(ROWS))
+            if setting in COPIES:  # copies of the probed layers only, for as long as they are timed
+                from .quant import CopiedLinear
+                run_mods = [CopiedLinear(m, {setting: frozenset(ROWS)}) for m in mods]
+                run_head = CopiedLinear(head, {setting: frozenset(ROWS)})
             row = []
             for r in ROWS:
                 if setting == "gemv" and r > GEMV_PROBE_ROWS:
@@ -283,20 +296,20 @@ class Plan:
         return best[length][1]
 
     def apply(self, model) -> None:
-        """Give `model` this plan: its int8 weight copies (drafts) and fp32 weight copies (made
-        here, the first time a row count is measured to be cheaper in fp32) serve the row counts
-        where they pay."""
-        from .quant import Fp32Linear, Int8Linear, _replace_linears
+        """Give `model` this plan: its int8 weight copies (drafts) serve the row counts where they
+        pay, and so do packed or fp32 copies (quant.CopiedLinear, made here the first time some row
+        count is measured cheapest with them: each doubles the weight memory)."""
+        from .quant import CopiedLinear, Int8Linear, _replace_linears
         model.plan = self
-        int8_rows, fp32_rows = (frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == s)
-                                for s in ("int8", "fp32"))
+        rows = {s: frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == s) for s in ("int8", *COPIES)}
+        copies = {s: rows[s] for s in COPIES if rows[s]}
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight is not None:
-                m.int8_rows = int8_rows
-            if isinstance(m, Fp32Linear):
-                m.fp32_rows = fp32_rows
-        if fp32_rows and not isinstance(model.lm_head, Fp32Linear):  # the copies, once: 2x the weight memory
-            _replace_linears(model, lambda linear: Fp32Linear(linear, fp32_rows))
+                m.int8_rows = rows["int8"]
+            if isinstance(m, CopiedLinear):
+                m.serve(copies)
+        if copies and not isinstance(model.lm_head, CopiedLinear):
+            _replace_linears(model, lambda linear: CopiedLinear(linear, copies))
 
     def describe(self) -> str:
         """'1 -> 1 gemv, 2 -> 2 gemv, 3 -> 4 onednn, ...' for the row counts that matter."""

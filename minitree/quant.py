@@ -54,22 +54,52 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Fp32Linear(nn.Module):
-    """A half-precision linear with an fp32 copy of its weight, used by forwards whose row count is
-    in `fp32_rows`: where bf16 is emulated (AVX2), fp32 GEMMs cost far less per row. The same
-    weights, computed at higher precision; the output is cast back."""
+@torch.library.custom_op("minitree::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ W^T with W held in oneDNN's blocked layout (an opaque tensor, so an op of its own in
+    compiled graphs): oneDNN otherwise reorders a plain weight into that layout at every call."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    def __init__(self, linear: nn.Linear, fp32_rows: frozenset = frozenset()):
+
+@packed_linear.register_fake
+def _(x, packed):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+class CopiedLinear(nn.Module):
+    """A half-precision linear with copies of its weight in other forms, each used by the forwards
+    whose row count is in `rows[form]` (costs.Plan.apply sets them from this machine's measurements):
+
+    - "packed": the weight in oneDNN's blocked layout, reordered once. oneDNN's bf16 GEMM otherwise
+      reorders the whole weight at every call: on an avx512_bf16 CPU a forward of 2-16 rows then
+      costs about twice one row on the matrix-vector kernel; packed, close to one row.
+    - "fp32": an fp32 copy. Where bf16 is emulated (AVX2), fp32 GEMMs cost far less per row; the
+      same weights computed at higher precision, the output cast back.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: dict[str, frozenset]):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.out_features, self.in_features = linear.weight.shape
-        self.register_buffer("weight32", linear.weight.detach().float())
-        self.register_buffer("bias32", None if linear.bias is None else linear.bias.detach().float())
-        self.fp32_rows = fp32_rows
+        self.serve(rows)
+
+    def serve(self, rows: dict[str, frozenset]) -> None:
+        """Use each form for its row counts (making the copies not made yet)."""
+        self.rows = rows
+        w = self.weight.detach()
+        if rows.get("fp32") and not hasattr(self, "weight32"):
+            self.register_buffer("weight32", w.float())
+            self.register_buffer("bias32", None if self.bias is None else self.bias.detach().float())
+        if rows.get("packed") and not hasattr(self, "packed"):  # an opaque oneDNN tensor, not a buffer
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, min(rows["packed"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] in self.fp32_rows:  # static under torch.compile
+        rows = x.numel() // x.shape[-1]  # static under torch.compile: one branch per graph
+        if rows in self.rows.get("fp32", ()):
             return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+        if rows in self.rows.get("packed", ()):
+            y = packed_linear(x, self.packed)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 

@@ -8,7 +8,7 @@ import torch
 import minitree
 import minitree.costs as costs
 from minitree.costs import ROWS, Plan
-from minitree.quant import Fp32Linear, Int4Linear, Int8Linear
+from minitree.quant import CopiedLinear, Int4Linear, Int8Linear
 
 PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -40,15 +40,23 @@ def test_plan_on_an_avx2_like_machine():
     assert plan.chunks(20) == (8, 8, 8) and plan.chunks(7) == (8,) and sum(plan.chunks(200)) < 256
 
 
-def test_fp32_copies_where_bf16_rows_are_dear(pair_dirs):
-    """bf16 emulated (AVX2): fp32 weight copies serve the many-row forwards; decoding stays exact."""
-    plan = Plan(AVX2 | dict(fp32=table(lambda r: 0.25 + 0.004 * r)))
-    assert plan.setting(1) == "onednn" and plan.setting(32) == "fp32" and plan.chunks(200) == (128, 128)
+def test_weight_copies_serve_the_rows_where_they_pay(pair_dirs):
+    """Packed copies (oneDNN's layout) where few rows are cheapest so, fp32 copies where many bf16
+    rows are dear (emulated, AVX2); the copies compute what the weights do, decoding stays exact.
+    (oneDNN packs bf16 weights only on CPUs with avx512bw or avx_ne_convert: elsewhere, fp32 only.)"""
+    packs = costs._packs(torch.bfloat16)
+    plan = Plan(AVX2 | dict(packed=table(lambda r: 0.04 + 0.02 * r), fp32=table(lambda r: 0.25 + 0.004 * r)))
+    assert [plan.setting(r) for r in (1, 3, 13, 14, 32)] == ["onednn", "packed", "packed", "fp32", "fp32"]
+    assert plan.chunks(200) == (128, 128)
     bf16 = minitree.load(pair_dirs[0], dtype=torch.bfloat16)
-    plan.apply(bf16)
-    assert isinstance(bf16.lm_head, Fp32Linear) and isinstance(bf16.model.layers[0].mlp.down_proj, Fp32Linear)
-    assert bf16.lm_head.fp32_rows == {r for r in range(1, 129) if r >= 9}
-    assert torch.equal(bf16.lm_head.weight32, bf16.lm_head.weight.float())
+    (plan if packs else Plan(AVX2 | dict(fp32=plan.costs["fp32"]))).apply(bf16)
+    head = bf16.lm_head
+    assert isinstance(head, CopiedLinear) and isinstance(bf16.model.layers[0].mlp.down_proj, CopiedLinear)
+    assert head.rows == dict(packed=set(range(3, 14)), fp32=set(range(14, 129))) if packs else \
+        dict(fp32=set(range(9, 129)))
+    assert torch.equal(head.weight32, head.weight.float())
+    x = torch.randn(1, 5, head.in_features, dtype=torch.bfloat16)
+    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))
     ref = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, attention="sdpa").generate(PROMPT, 40).tokens
     target, draft = minitree.load(pair_dirs[0]), minitree.load(pair_dirs[1])
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256)
