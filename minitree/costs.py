@@ -41,8 +41,8 @@ ISA_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2", "fma",
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
 GEMV_PROBE_ROWS = 16  # with oneDNN off, float GEMMs grow ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
-PREFILL_CHUNKS = (8, 32, 128)
-COPIES = ("packed", "fp32")  # kernel settings served by copies of the weights (quant.CopiedLinear)  # the prefill chunk shapes (each one compiled graph per model)
+PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
+COPIES = ("packed", "fp32", "int8")  # kernel settings served by copies of the weights (quant.CopiedLinear)
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
 
 
@@ -93,17 +93,18 @@ def _linears(module):
 
 def _settings(model) -> list[str]:
     """Kernel settings worth timing: oneDNN on; for half-precision float weights on a CPU with
-    oneDNN, oneDNN off (torch's matrix-vector kernels), and for a model without int8 copies the
-    copies of quant.CopiedLinear: the weights packed in oneDNN's layout, and in fp32 (where bf16
-    is emulated, fp32 rows are cheaper); the int8 copies, where a draft has them."""
-    from .quant import Int8Linear
+    oneDNN, oneDNN off (torch's matrix-vector kernels) and, unless the model is quantized, copies
+    of the weights (quant.CopiedLinear): packed in oneDNN's layout (where oneDNN packs that
+    dtype) and fp32 (where bf16 is emulated, fp32 rows are cheaper); int8 copies, where a draft
+    was given them (quantize_int8)."""
+    from .quant import has_int8_copies
     w = model.model.embed_tokens.weight
     settings = ["onednn"]
     if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         settings.append("gemv")
-        if not model.quantized and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        if not model.quantized:
             settings += ["packed", "fp32"] if _packs(w.dtype) else ["fp32"]
-    if any(isinstance(m, Int8Linear) and m.weight is not None for m in model.modules()):
+    if has_int8_copies(model):
         settings.append("int8")
     return settings
 
@@ -138,13 +139,11 @@ def _run_all(mods, xs: dict) -> None:
 @torch.inference_mode()
 def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
     """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not timed)."""
-    from .quant import Int8Linear
+    from .quant import CopiedLinear
     w = model.model.embed_tokens.weight
     sub = list(model.model.layers)[:layers]
     scale = model.args.n_layers / len(sub)
     mods, head = _linears(torch.nn.ModuleList(sub)), model.lm_head
-    copies = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight is not None]
-    saved = [m.int8_rows for m in copies]
 
     def sync():
         if w.device.type == "cuda":
@@ -161,33 +160,28 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
             ts.append(time.perf_counter() - t)
         return sorted(ts)[len(ts) // 2]
 
+    def alone(m, setting):  # the layer with `setting`'s copy (made for as long as it is timed) or none
+        if not isinstance(m, (torch.nn.Linear, CopiedLinear)):
+            return m  # quantized: one form only
+        return CopiedLinear(m, {setting: frozenset(ROWS)} if setting in COPIES else {})
+
     costs = {}
-    try:
-        for setting in _settings(model):
-            for m in copies:
-                m.int8_rows = frozenset(ROWS) if setting == "int8" else frozenset()
-            run_mods, run_head = mods, head
-            if setting in COPIES:  # copies of the probed layers only, for as long as they are timed
-                from .quant import CopiedLinear
-                run_mods = [CopiedLinear(m, {setting: frozenset(ROWS)}) for m in mods]
-                run_head = CopiedLinear(head, {setting: frozenset(ROWS)})
-            row = []
-            for r in ROWS:
-                if setting == "gemv" and r > GEMV_PROBE_ROWS:
-                    row.append(math.inf)
-                    continue
-                xs = {}
-                for m in mods + [head]:
-                    f = m.in_features
-                    xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
-                with onednn(setting != "gemv"):
-                    t_layers = timed(functools.partial(_run_all, run_mods, xs))
-                    t_head = timed(functools.partial(_run_all, [run_head], xs))
-                row.append(scale * t_layers + t_head)
-            costs[setting] = row
-    finally:
-        for m, saved_rows in zip(copies, saved):
-            m.int8_rows = saved_rows
+    for setting in _settings(model):
+        run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
+        row = []
+        for r in ROWS:
+            if setting == "gemv" and r > GEMV_PROBE_ROWS:
+                row.append(math.inf)
+                continue
+            xs = {}
+            for m in mods + [head]:
+                f = m.in_features
+                xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
+            with onednn(setting != "gemv"):
+                t_layers = timed(functools.partial(_run_all, run_mods, xs))
+                t_head = timed(functools.partial(_run_all, [run_head], xs))
+            row.append(scale * t_layers + t_head)
+        costs[setting] = row
     return costs
 
 
@@ -296,16 +290,17 @@ class Plan:
         return best[length][1]
 
     def apply(self, model) -> None:
-        """Give `model` this plan: its int8 weight copies (drafts) serve the row counts where they
-        pay, and so do packed or fp32 copies (quant.CopiedLinear, made here the first time some row
-        count is measured cheapest with them: each doubles the weight memory)."""
-        from .quant import CopiedLinear, Int8Linear, _replace_linears
+        """Give `model` this plan: copies of its weights (quant.CopiedLinear) serve the row counts
+        where they were measured cheapest: packed or fp32 copies, made here the first time some
+        row count needs them (each doubles the weight memory), and a draft's int8 copies."""
+        from .quant import CopiedLinear, _replace_linears, has_int8_copies
         model.plan = self
-        rows = {s: frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == s) for s in ("int8", *COPIES)}
-        copies = {s: rows[s] for s in COPIES if rows[s]}
+        copies = {}
+        for form in COPIES:
+            rows = frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == form)
+            if rows and (form != "int8" or has_int8_copies(model)):
+                copies[form] = rows
         for m in model.modules():
-            if isinstance(m, Int8Linear) and m.weight is not None:
-                m.int8_rows = rows["int8"]
             if isinstance(m, CopiedLinear):
                 m.serve(copies)
         if copies and not isinstance(model.lm_head, CopiedLinear):

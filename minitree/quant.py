@@ -4,10 +4,10 @@ The draft only proposes; the target decides. So the draft may be approximated in
 the output stays the target's, only acceptance (and so speed) can change.
 
 - `quantize_int8(model)`: every linear (decoder layers and lm_head) gets an int8 copy of its
-  weight (per-output-channel scales), used by forwards whose row count is in `int8_rows`: the
-  fused int8 kernel reads half the bytes, but on some CPUs it slows down with every extra row
-  faster than the float kernel does. The engine measures where it pays on this machine
-  (costs.py) and sets `int8_rows`; the other forwards keep the float weight.
+  weight (per-output-channel scales; `CopiedLinear`), used by the forwards whose row count
+  this machine measured it cheapest for (costs.py): the fused int8 kernel reads half the
+  bytes, but on some CPUs it slows down with every extra row faster than the float kernels
+  do; the other forwards keep the float weight (or its packed copy).
 - `restrict_vocab(model, k)`: the lm_head computes logits for token ids < k only (BPE
   vocabularies are ordered by merge rank, so low ids are the frequent tokens); the other
   logits are -inf, so the draft never proposes them. For the 0.5B Qwen2.5 draft the full
@@ -31,27 +31,32 @@ from .model import Transformer
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 (per-output-channel scales; CPU kernel). With the float weight kept, the
-    int8 copy serves forwards whose row count is in `int8_rows`; without it, every forward."""
+def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> int8 weights [out, in] and per-output-channel scales [out] (in the weight's dtype)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale).to(torch.int8), scale.squeeze(1).to(weight.dtype)
 
-    def __init__(self, linear: nn.Linear, keep_float: bool = True, int8_rows: frozenset = frozenset(range(1, 5))):
+
+def int8_linear(x, qweight, scale, bias):
+    rows = x.numel() // x.shape[-1]
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), qweight, scale).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 at every row count, the float weight dropped (a quantized target; CPU kernel)."""
+
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight, self.bias = (linear.weight if keep_float else None), linear.bias
+        self.bias = linear.bias
         self.out_features, self.in_features = linear.weight.shape
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # [out, 1]
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))
-        self.int8_rows = int8_rows
+        qweight, scale = int8_weights(linear.weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]  # static under torch.compile: one branch per graph
-        if self.weight is not None and rows not in self.int8_rows:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.qweight, self.scale)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return int8_linear(x, self.qweight, self.scale, self.bias)
 
 
 @torch.library.custom_op("minitree::packed_linear", mutates_args=())
@@ -67,14 +72,15 @@ def _(x, packed):
 
 
 class CopiedLinear(nn.Module):
-    """A half-precision linear with copies of its weight in other forms, each used by the forwards
-    whose row count is in `rows[form]` (costs.Plan.apply sets them from this machine's measurements):
+    """A float linear with copies of its weight in other forms, each used by the forwards whose row
+    count is in `rows[form]` (costs.Plan.apply sets them from this machine's measurements):
 
     - "packed": the weight in oneDNN's blocked layout, reordered once. oneDNN's bf16 GEMM otherwise
       reorders the whole weight at every call: on an avx512_bf16 CPU a forward of 2-16 rows then
       costs about twice one row on the matrix-vector kernel; packed, close to one row.
     - "fp32": an fp32 copy. Where bf16 is emulated (AVX2), fp32 GEMMs cost far less per row; the
       same weights computed at higher precision, the output cast back.
+    - "int8": weight-only int8 (quantize_int8; for drafts only: it changes the output).
     """
 
     def __init__(self, linear: nn.Linear, rows: dict[str, frozenset]):
@@ -92,9 +98,15 @@ class CopiedLinear(nn.Module):
             self.register_buffer("bias32", None if self.bias is None else self.bias.detach().float())
         if rows.get("packed") and not hasattr(self, "packed"):  # an opaque oneDNN tensor, not a buffer
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, min(rows["packed"]))
+        if rows.get("int8") and not hasattr(self, "qweight"):
+            qweight, scale = int8_weights(w)
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]  # static under torch.compile: one branch per graph
+        if rows in self.rows.get("int8", ()):
+            return int8_linear(x, self.qweight, self.scale, self.bias)
         if rows in self.rows.get("fp32", ()):
             return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
         if rows in self.rows.get("packed", ()):
@@ -140,11 +152,15 @@ def _replace_linears(model: Transformer, make) -> Transformer:
 
 def quantize_int8(model: Transformer) -> Transformer:
     """Give every nn.Linear of the decoder layers and the lm_head an int8 copy for few-row
-    forwards (in place); the float weights stay for the others. For drafts."""
-    return _replace_linears(model, Int8Linear)
+    forwards (in place; the plan then decides which); the float weights stay. For drafts."""
+    return _replace_linears(model, lambda linear: CopiedLinear(linear, {"int8": frozenset(range(1, 5))}))
 
 
-QUANTIZE = {"int8": lambda linear: Int8Linear(linear, keep_float=False), "int4": Int4Linear}
+def has_int8_copies(model: Transformer) -> bool:
+    return hasattr(model.lm_head, "qweight") and isinstance(model.lm_head, CopiedLinear)
+
+
+QUANTIZE = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize(model: Transformer, kind: str) -> Transformer:

@@ -80,13 +80,13 @@ def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch)
     monkeypatch.setattr(costs, "CACHE", tmp_path / "costs.json")
     draft = minitree.quantize_int8(minitree.load(pair_dirs[1], dtype=torch.bfloat16))
     measured = costs.cached_probe(draft, "tiny draft")
-    assert set(measured) == {"onednn", "gemv", "int8"}
+    assert set(measured) == {"onednn", "gemv", "fp32", "int8"} | ({"packed"} if costs._packs(torch.bfloat16) else set())
     assert all(0 < t < 1 for t in measured["onednn"]) and math.isinf(measured["gemv"][-1])
     monkeypatch.setattr(costs, "probe", lambda *a, **k: pytest.fail("measured twice"))
     assert costs.cached_probe(draft) == measured
     plan = Plan.measured(draft)
     plan.apply(draft)
-    assert draft.lm_head.int8_rows == {r for r in range(1, 129) if plan.setting(r) == "int8"}
+    assert draft.lm_head.rows.get("int8", set()) == {r for r in range(1, 129) if plan.setting(r) == "int8"}
     target = minitree.load(pair_dirs[0], dtype=torch.bfloat16)  # another model: another key
     monkeypatch.setattr(costs, "probe", lambda *a, **k: {"onednn": [1.0] * len(ROWS)})
     assert costs.cached_probe(target) == {"onednn": [1.0] * len(ROWS)}

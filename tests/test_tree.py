@@ -7,7 +7,7 @@ import minitree
 from minitree.attention import BLOCK, block_mask, dense_mask
 from minitree.costs import ROWS, Plan
 from minitree.draft import draft_tree
-from minitree.quant import Int8Linear
+from minitree.quant import CopiedLinear
 from minitree.tree import MAX_NODES
 
 PATH_LIST = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]"
@@ -287,7 +287,7 @@ def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     """An int8 draft with a restricted vocabulary proposes differently; the output is unchanged."""
     target = minitree.load(pair_dirs[0])
     draft = minitree.quantize_int8(minitree.restrict_vocab(minitree.load(pair_dirs[1]), 128))
-    assert isinstance(draft.lm_head, Int8Linear) and draft.lm_head.qweight.shape[0] == 128
+    assert isinstance(draft.lm_head, CopiedLinear) and draft.lm_head.qweight.shape[0] == 128
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
     result = engine.generate(PROMPT, 72)
     assert result.tokens == plain_tokens
@@ -310,7 +310,7 @@ def test_early_stop_is_lossless(pair, plain_tokens, spec, cutoff):
 
 def test_int8_copy_serves_few_rows_only():
     linear = torch.nn.Linear(64, 32)
-    q = Int8Linear(linear, int8_rows=frozenset({1, 2, 3}))
+    q = CopiedLinear(linear, {"int8": frozenset({1, 2, 3})})
     for rows in (1, 3):  # the int8 kernel: close to the float weights, not equal
         x = torch.randn(1, rows, 64)
         assert not torch.equal(q(x), linear(x)) and torch.allclose(q(x), linear(x), atol=0.02)
