@@ -11,7 +11,8 @@ in seconds, and caches the result keyed by the machine, torch, threads, the mode
 dtype and quantization. A `Plan` turns those costs into execution shapes:
 
 - rows(n): how many rows a forward of n queries runs (padded where more rows are cheaper);
-- the kernel setting per row count (oneDNN on or off; where int8 copies serve);
+- the kernel setting per row count: oneDNN on or off, or a copy of the weights
+  (quant.CopiedLinear: packed in oneDNN's layout, fp32, a draft's int8), made where it serves;
 - prefill chunks: a prompt is cut into the cheapest sequence of a few fixed chunk shapes;
 - cost(n): the measured seconds of a forward, for `--tree auto` (auto.py).
 
