@@ -98,37 +98,28 @@ def _settings(model) -> list[str]:
     of the weights (quant.CopiedLinear): packed in oneDNN's layout (where oneDNN packs that
     dtype) and fp32 (where bf16 is emulated, fp32 rows are cheaper); int8 copies, where a draft
     was given them (quantize_int8)."""
-    from .quant import has_int8_copies
+    from .quant import has_int8_copies, packs
     w = model.model.embed_tokens.weight
     settings = ["onednn"]
     if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         settings.append("gemv")
         if not model.quantized:
-            settings += ["packed", "fp32"] if _packs(w.dtype) else ["fp32"]
+            settings += ["packed", "fp32"] if packs(w.dtype) else ["fp32"]
     if has_int8_copies(model):
         settings.append("int8")
     return settings
 
 
-@functools.lru_cache(maxsize=None)
-def _packs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN packs weights of this dtype here (bf16 needs avx512bw/vl/dq or avx_ne_convert,
-    and ONEDNN_MAX_CPU_ISA=AVX2 rules them out)."""
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
-        return True
-    except RuntimeError:
-        return False
-
-
 def probe_key(model) -> str:
+    from .quant import packs
     a, w = model.args, model.model.embed_tokens.weight
     head = model.lm_head
     signature = dict(machine={k: v for k, v in machine().items() if k != "flags"}, torch=torch.__version__,
                      threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
                      shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
                             head.out_features],
-                     quantized=getattr(model, "quantized", None), settings=_settings(model), rows=ROWS)
+                     quantized=getattr(model, "quantized", None), settings=_settings(model), rows=ROWS,
+                     fp32_packed=packs(torch.float32))
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 

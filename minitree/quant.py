@@ -21,6 +21,8 @@ respect to that quantized model, and its output is what plain decoding of it giv
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ from .engine import EngineError
 from .model import Transformer
 
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
+PACK_ROWS = 16  # the batch size oneDNN packs weights for: near its best from 2 to 128 rows (1: only 1 row)
 
 
 def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +74,17 @@ def _(x, packed):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
+@functools.lru_cache(maxsize=None)
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype here (bf16 needs avx512bw/vl/dq or avx_ne_convert,
+    and ONEDNN_MAX_CPU_ISA=AVX2 rules them out; fp32 packs on any x86 oneDNN supports)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 class CopiedLinear(nn.Module):
     """A float linear with copies of its weight in other forms, each used by the forwards whose row
     count is in `rows[form]` (costs.Plan.apply sets them from this machine's measurements):
@@ -78,8 +92,9 @@ class CopiedLinear(nn.Module):
     - "packed": the weight in oneDNN's blocked layout, reordered once. oneDNN's bf16 GEMM otherwise
       reorders the whole weight at every call: on an avx512_bf16 CPU a forward of 2-16 rows then
       costs about twice one row on the matrix-vector kernel; packed, close to one row.
-    - "fp32": an fp32 copy. Where bf16 is emulated (AVX2), fp32 GEMMs cost far less per row; the
-      same weights computed at higher precision, the output cast back.
+    - "fp32": an fp32 copy (packed in oneDNN's layout where oneDNN packs fp32). Where bf16 is
+      emulated (AVX2), fp32 GEMMs cost far less per row; the same weights computed at higher
+      precision, the output cast back.
     - "int8": weight-only int8 (quantize_int8; for drafts only: it changes the output).
     """
 
@@ -94,10 +109,11 @@ class CopiedLinear(nn.Module):
         self.rows = rows
         w = self.weight.detach()
         if rows.get("fp32") and not hasattr(self, "weight32"):
-            self.register_buffer("weight32", w.float())
-            self.register_buffer("bias32", None if self.bias is None else self.bias.detach().float())
+            w32, self.packed32 = w.float(), packs(torch.float32)  # a Python bool: static when compiled
+            self.weight32 = torch.ops.mkldnn._reorder_linear_weight(w32, PACK_ROWS) if self.packed32 else w32
+            self.bias32 = None if self.bias is None else self.bias.detach().float()
         if rows.get("packed") and not hasattr(self, "packed"):  # an opaque oneDNN tensor, not a buffer
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, min(rows["packed"]))
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
         if rows.get("int8") and not hasattr(self, "qweight"):
             qweight, scale = int8_weights(w)
             self.register_buffer("qweight", qweight)
@@ -108,7 +124,13 @@ class CopiedLinear(nn.Module):
         if rows in self.rows.get("int8", ()):
             return int8_linear(x, self.qweight, self.scale, self.bias)
         if rows in self.rows.get("fp32", ()):
-            return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+            x32 = x.float()
+            if self.packed32:
+                y = packed_linear(x32, self.weight32)
+                y = y if self.bias32 is None else y + self.bias32
+            else:
+                y = F.linear(x32, self.weight32, self.bias32)
+            return y.to(x.dtype)
         if rows in self.rows.get("packed", ()):
             y = packed_linear(x, self.packed)
             return y if self.bias is None else y + self.bias

@@ -8,7 +8,7 @@ import torch
 import minitree
 import minitree.costs as costs
 from minitree.costs import ROWS, Plan
-from minitree.quant import CopiedLinear, Int4Linear, Int8Linear
+from minitree.quant import CopiedLinear, Int4Linear, Int8Linear, packs
 
 PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -44,24 +44,25 @@ def test_weight_copies_serve_the_rows_where_they_pay(pair_dirs):
     """Packed copies (oneDNN's layout) where few rows are cheapest so, fp32 copies where many bf16
     rows are dear (emulated, AVX2); the copies compute what the weights do, decoding stays exact.
     (oneDNN packs bf16 weights only on CPUs with avx512bw or avx_ne_convert: elsewhere, fp32 only.)"""
-    packs = costs._packs(torch.bfloat16)
+    packs_bf16 = packs(torch.bfloat16)
     plan = Plan(AVX2 | dict(packed=table(lambda r: 0.04 + 0.02 * r), fp32=table(lambda r: 0.25 + 0.004 * r)))
     assert [plan.setting(r) for r in (1, 3, 13, 14, 32)] == ["onednn", "packed", "packed", "fp32", "fp32"]
     assert plan.chunks(200) == (128, 128)
     bf16 = minitree.load(pair_dirs[0], dtype=torch.bfloat16)
-    (plan if packs else Plan(AVX2 | dict(fp32=plan.costs["fp32"]))).apply(bf16)
+    (plan if packs_bf16 else Plan(AVX2 | dict(fp32=plan.costs["fp32"]))).apply(bf16)
     head = bf16.lm_head
     assert isinstance(head, CopiedLinear) and isinstance(bf16.model.layers[0].mlp.down_proj, CopiedLinear)
-    assert head.rows == dict(packed=set(range(3, 14)), fp32=set(range(14, 129))) if packs else \
+    assert head.rows == dict(packed=set(range(3, 14)), fp32=set(range(14, 129))) if packs_bf16 else \
         dict(fp32=set(range(9, 129)))
-    assert torch.equal(head.weight32, head.weight.float())
-    x = torch.randn(1, 5, head.in_features, dtype=torch.bfloat16)
-    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))
+    assert head.weight32.is_mkldnn == packs(torch.float32)  # fp32 copies packed where oneDNN packs fp32
+    for rows in (5, 20):  # packed, fp32
+        x = torch.randn(1, rows, head.in_features, dtype=torch.bfloat16)
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x.float(), head.weight.float()).bfloat16())
     ref = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, attention="sdpa").generate(PROMPT, 40).tokens
     target, draft = minitree.load(pair_dirs[0]), minitree.load(pair_dirs[1])
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256)
     for m in (target, draft):
-        plan.apply(m)  # fp32 models: the copies compute exactly what the weights do
+        plan.apply(m)  # fp32 models: the copies hold the weights themselves (summed in oneDNN's order)
     assert engine.generate(PROMPT, 40).tokens == ref
 
 
@@ -80,7 +81,7 @@ def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch)
     monkeypatch.setattr(costs, "CACHE", tmp_path / "costs.json")
     draft = minitree.quantize_int8(minitree.load(pair_dirs[1], dtype=torch.bfloat16))
     measured = costs.cached_probe(draft, "tiny draft")
-    assert set(measured) == {"onednn", "gemv", "fp32", "int8"} | ({"packed"} if costs._packs(torch.bfloat16) else set())
+    assert set(measured) == {"onednn", "gemv", "fp32", "int8"} | ({"packed"} if packs(torch.bfloat16) else set())
     assert all(0 < t < 1 for t in measured["onednn"]) and math.isinf(measured["gemv"][-1])
     monkeypatch.setattr(costs, "probe", lambda *a, **k: pytest.fail("measured twice"))
     assert costs.cached_probe(draft) == measured
