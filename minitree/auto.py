@@ -19,8 +19,11 @@ every few steps:
 - what a configuration did when it ran: its committed tokens and seconds per step, which
   outweigh the model's prediction once it has run a few steps (TRUST).
 
-The family: plain decoding, and dynamic trees of width W and k children with every depth in
-DEPTHS and verify budget in NODES (one target graph per budget, compiled when first chosen).
+The family: plain decoding, and dynamic trees of k children, width 1 (the first-choice path
+with its siblings: one draft row per level) or 2, with every depth in DEPTHS and verify budget
+in NODES (one target graph per budget, compiled when first chosen). A step drafted at one
+width scores the other too: a tree of width w has, at each level, the children of the w most
+confident nodes of the level above; those the step drafted are read, the others extrapolated.
 Plain decoding is chosen when no tree is predicted to pay (a useless draft); while decoding
 plainly, one speculative step in EXPLORE (RARELY, when no tree is predicted to be as fast)
 keeps the statistics fresh; such a step first pays for the draft catching up with the tokens
@@ -37,7 +40,7 @@ from .tree import DynamicTree, Tree, TreeSpec
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8)
 NODES = (1, 3, 5, 7, 10, 15)
-WIDTH, K = 2, 4
+WIDTHS, K = (1, 2), 4
 EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)  # confidence buckets
 PRIOR_WEIGHT = 4.0  # pseudo-observations per bucket behind the prior
 DECAY = 0.93  # per step: how fast old steps are forgotten (~15 steps of memory: a new prompt takes over fast)
@@ -54,20 +57,22 @@ TRUST = 3.0  # a configuration's prediction counts as this many measured steps
 class Config:
     depth: int  # 0: plain decoding
     nodes: int
+    width: int = 2
 
     @property
     def name(self) -> str:
-        return "plain" if self.depth == 0 else f"dynamic:depth={self.depth},width={WIDTH},k={K},nodes={self.nodes}"
+        return "plain" if self.depth == 0 else f"dynamic:depth={self.depth},width={self.width},k={K},nodes={self.nodes}"
 
     def spec(self) -> TreeSpec:
-        return Tree([]) if self.depth == 0 else DynamicTree(self.depth, WIDTH, K, self.nodes)
+        return Tree([]) if self.depth == 0 else DynamicTree(self.depth, self.width, K, self.nodes)
 
 
 def family() -> list[Config]:
     configs = [Config(0, 0)]
-    for d in DEPTHS:
-        spec = DynamicTree(d, WIDTH, K, 1)
-        configs += [Config(d, n) for n in NODES if n <= spec.n_candidates - 1]
+    for w in WIDTHS:
+        for d in DEPTHS[w == 1:]:  # at depth 1, every width drafts the same tree
+            spec = DynamicTree(d, w, K, 1)
+            configs += [Config(d, n, w) for n in NODES if n <= spec.n_candidates - 1]
     return configs
 
 
@@ -79,7 +84,7 @@ class Auto:
     configs: list[Config] = field(default_factory=family)
     hits: list[float] = field(default_factory=list)  # per confidence bucket: accepted (prior included)
     seen: list[float] = field(default_factory=list)  # per confidence bucket: verified (prior included)
-    scores: dict = field(default_factory=dict)  # (depth, nodes) -> decayed sum of expected accepted nodes
+    scores: dict = field(default_factory=dict)  # (width, depth, nodes) -> decayed sum of expected accepted nodes
     weight: float = 0.0  # decayed number of scored steps
     child_p: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.05, 0.03])  # mean child probability by rank
     draft_extra: float = 0.0  # seconds per forward beyond the probe's linear layers, per model
@@ -102,8 +107,8 @@ class Auto:
         b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
         return self.hits[b] / self.seen[b]
 
-    def draft_seconds(self, depth: int, levels: int | None = None) -> float:
-        widths = DynamicTree(depth, WIDTH, K, 1).widths[:levels]  # level 0: the 2-token window
+    def draft_seconds(self, c: Config, levels: int | None = None) -> float:
+        widths = DynamicTree(c.depth, c.width, K, 1).widths[:levels]  # level 0: the 2-token window
         return sum(self.draft_cost(w) for w in (2, *widths[1:])) + len(widths) * self.draft_extra
 
     def modelled(self, c: Config) -> tuple[float, float]:
@@ -111,7 +116,7 @@ class Auto:
         verify = self.verify_cost(c.nodes + 1 if c.depth else 1) + self.verify_extra
         if c.depth == 0:
             return 1.0, verify
-        return 1.0 + self.scores.get((c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c.depth)
+        return 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c)
 
     def predicted(self, c: Config) -> float:
         """Tokens per second: the model's prediction, outweighed by what the configuration did."""
@@ -134,8 +139,8 @@ class Auto:
         elif self.steps % DEEPER == 0 and self.saturated > 0.3 and self.current.depth < max(DEPTHS):
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
             nodes = self.current.nodes + deeper - self.current.depth  # room to accept the deeper levels too
-            return min((c for c in self.configs if c.depth == deeper and c.nodes >= min(nodes, max(NODES))),
-                       key=lambda c: c.nodes)
+            return min((c for c in self.configs if c.depth == deeper and c.width == self.current.width
+                        and c.nodes >= min(nodes, max(NODES))), key=lambda c: c.nodes)
         return self.current
 
     def best(self, speculative: bool = False) -> Config:
@@ -156,7 +161,7 @@ class Auto:
         self.verify_extra = 0.9 * self.verify_extra + 0.1 * max(extra, 0.0)
         if config.depth == 0:
             return
-        extra = (draft_s - self.draft_seconds(config.depth, levels) + levels * self.draft_extra) / levels
+        extra = (draft_s - self.draft_seconds(config, levels) + levels * self.draft_extra) / levels
         self.draft_extra = 0.9 * self.draft_extra + 0.1 * max(extra, 0.0)
         self.saturated = 0.9 * self.saturated + 0.1 * (len(accepted) - 1 >= config.depth)
         # calibration: each verified node's confidence, and whether it was accepted
@@ -164,32 +169,35 @@ class Auto:
             b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
             self.seen[b] += 1
             self.hits[b] += i in accepted
-        self._score(candidates, cand_depth)
+        self._score(candidates, cand_depth, config.width)
 
-    def _score(self, candidates: list[float], cand_depth: list[int]) -> None:
-        """Expected accepted nodes of every (depth, nodes) configuration, from this step's candidates."""
-        by_depth = {}
+    def _score(self, candidates: list[float], cand_depth: list[int], drafted_width: int) -> None:
+        """Expected accepted nodes of every (width, depth, nodes) configuration, from this step's
+        candidates (in slot order: each level holds the children of the level above's frontier,
+        most confident parent first)."""
+        drafted = {}
         for conf, d in zip(candidates[1:], cand_depth[1:]):
             if conf >= 0:
-                by_depth.setdefault(d, []).append(conf)
-        if not by_depth:
+                drafted.setdefault(d, []).append(conf)
+        if not drafted:
             return
-        drafted = max(by_depth)
-        for r, p in enumerate(sorted(by_depth[1], reverse=True)[: len(self.child_p)]):  # the root's children
+        for r, p in enumerate(sorted(drafted[1], reverse=True)[: len(self.child_p)]):  # the root's children
             self.child_p[r] = 0.95 * self.child_p[r] + 0.05 * p
-        frontier = sorted(by_depth[drafted], reverse=True)[:WIDTH]
-        for d in range(drafted + 1, max(DEPTHS) + 1):  # extrapolated deeper levels
-            by_depth[d] = [f * p for f in frontier for p in self.child_p]
-            frontier = sorted(by_depth[d], reverse=True)[:WIDTH]
         self.weight = DECAY * self.weight + 1
         for key in self.scores:
             self.scores[key] *= DECAY
-        pool = []
-        for d in range(1, max(DEPTHS) + 1):
-            pool += by_depth.get(d, [])
-            if d in DEPTHS:
-                gain = [0.0]  # gain[n]: expected accepted nodes among the n most confident
-                for conf in sorted(pool, reverse=True)[: max(NODES)]:
-                    gain.append(gain[-1] + self.acceptance(conf))
-                for n in NODES:
-                    self.scores[(d, n)] = self.scores.get((d, n), 0.0) + gain[min(n, len(gain) - 1)]
+        for width in WIDTHS:
+            level, pool = drafted[1], []
+            for d in range(1, max(DEPTHS) + 1):
+                pool += level
+                if d in DEPTHS:
+                    gain = [0.0]  # gain[n]: expected accepted nodes among the n most confident
+                    for conf in sorted(pool, reverse=True)[: max(NODES)]:
+                        gain.append(gain[-1] + self.acceptance(conf))
+                    for n in NODES:
+                        self.scores[(width, d, n)] = self.scores.get((width, d, n), 0.0) + gain[min(n, len(gain) - 1)]
+                # the next level: the children of this level's `width` most confident nodes; those of
+                # the first `drafted_width` were drafted (if this step got that deep), the rest extrapolated
+                read = min(width, drafted_width) * K if d + 1 in drafted else 0
+                frontier = sorted(level, reverse=True)[read // K:width]
+                level = drafted.get(d + 1, [])[:read] + [f * p for f in frontier for p in self.child_p]

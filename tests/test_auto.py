@@ -76,3 +76,27 @@ def test_calibration_and_prediction():
     assert a.acceptance(0.9) == pytest.approx(1 / 3, abs=0.02)
     assert a.predicted(Config(0, 0)) == pytest.approx(1 / 0.2, rel=0.05)
     assert a.predicted(a.best()) >= a.predicted(Config(0, 0))
+
+
+def _modelled_best(second_p: float, draft_cost) -> int:
+    """The width of the configuration modelled fastest after steps whose draft (width 2, depth 4)
+    gave each node children of probabilities [p0, second_p, ...] (a calibrated draft)."""
+    a = Auto(draft_cost, lambda rows: 1.0)
+    a.draft_extra = a.verify_extra = 0.0
+    probs = [0.97 - second_p, second_p, 0.02, 0.01]
+    candidates, depths, level = [1.0], [0], [1.0]
+    for d in range(1, 5):
+        level = [f * p for f in sorted(level, reverse=True)[:2] for p in probs]
+        candidates += level
+        depths += [d] * len(level)
+    for _ in range(40):
+        a.observe(Config(4, 7), [1.0], {0}, candidates, depths, 4, 1.0, 1.0)
+    best = max((c for c in a.configs if c.depth), key=lambda c: (lambda t, s: t / s)(*a.modelled(c)))
+    return best.width
+
+
+def test_chooses_the_width_the_text_and_the_costs_call_for():
+    """Width 1 (one draft row per level) when only first choices are likely and a second row costs
+    as much as the first; width 2 when second choices are likely too and a second row is cheap."""
+    assert _modelled_best(0.01, lambda rows: 0.1 * rows) == 1
+    assert _modelled_best(0.4, lambda rows: 0.1 + 0.01 * rows) == 2
