@@ -34,6 +34,7 @@ what is drafted and verified; every step is lossless, whatever is chosen.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, field
 
 from .tree import DynamicTree, Tree, TreeSpec
@@ -65,6 +66,12 @@ class Config:
 
     def spec(self) -> TreeSpec:
         return Tree([]) if self.depth == 0 else DynamicTree(self.depth, self.width, K, self.nodes)
+
+
+@functools.lru_cache(maxsize=None)
+def _widths(depth: int, width: int) -> tuple[int, ...]:
+    """Rows per draft level of a dynamic tree (cached: choosing prices every configuration)."""
+    return tuple(DynamicTree(depth, width, K, 1).widths)
 
 
 def family() -> list[Config]:
@@ -108,7 +115,7 @@ class Auto:
         return self.hits[b] / self.seen[b]
 
     def draft_seconds(self, c: Config, levels: int | None = None) -> float:
-        widths = DynamicTree(c.depth, c.width, K, 1).widths[:levels]  # level 0: the 2-token window
+        widths = _widths(c.depth, c.width)[:levels]  # level 0: the 2-token window
         return sum(self.draft_cost(w) for w in (2, *widths[1:])) + len(widths) * self.draft_extra
 
     def modelled(self, c: Config) -> tuple[float, float]:
@@ -131,12 +138,12 @@ class Auto:
             best = self.best()
             if self.predicted(best) > SWITCH_GAIN * self.predicted(self.current):
                 self.current = best
-        if self.current.depth == 0:
+        if self.current.depth == 0 and self.steps % EXPLORE == 0:  # RARELY is a multiple of EXPLORE
             tree = self.best(speculative=True)
             close = self.predicted(tree) >= CLOSE * self.predicted(self.current)
-            if self.steps % (EXPLORE if close else RARELY) == 0:  # a look at what the draft would do now
+            if close or self.steps % RARELY == 0:  # a look at what the draft would do now
                 return tree
-        elif self.steps % DEEPER == 0 and self.saturated > 0.3 and self.current.depth < max(DEPTHS):
+        elif self.steps % DEEPER == 0 and self.saturated > 0.3 and 0 < self.current.depth < max(DEPTHS):
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
             nodes = self.current.nodes + deeper - self.current.depth  # room to accept the deeper levels too
             return min((c for c in self.configs if c.depth == deeper and c.width == self.current.width
