@@ -74,6 +74,11 @@ def _(x, packed):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
+def packed_linear_bias(x, packed, bias):
+    y = packed_linear(x, packed)
+    return y if bias is None else y + bias
+
+
 @functools.lru_cache(maxsize=None)
 def packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights of this dtype here (bf16 needs avx512bw/vl/dq or avx_ne_convert,
@@ -124,16 +129,10 @@ class CopiedLinear(nn.Module):
         if rows in self.rows.get("int8", ()):
             return int8_linear(x, self.qweight, self.scale, self.bias)
         if rows in self.rows.get("fp32", ()):
-            x32 = x.float()
-            if self.packed32:
-                y = packed_linear(x32, self.weight32)
-                y = y if self.bias32 is None else y + self.bias32
-            else:
-                y = F.linear(x32, self.weight32, self.bias32)
-            return y.to(x.dtype)
+            linear = packed_linear_bias if self.packed32 else F.linear
+            return linear(x.float(), self.weight32, self.bias32).to(x.dtype)
         if rows in self.rows.get("packed", ()):
-            y = packed_linear(x, self.packed)
-            return y if self.bias is None else y + self.bias
+            return packed_linear_bias(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

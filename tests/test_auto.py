@@ -91,8 +91,12 @@ def _modelled_best(second_p: float, draft_cost) -> int:
         depths += [d] * len(level)
     for _ in range(40):
         a.observe(Config(4, 7), [1.0], {0}, candidates, depths, 4, 1.0, 1.0)
-    best = max((c for c in a.configs if c.depth), key=lambda c: (lambda t, s: t / s)(*a.modelled(c)))
-    return best.width
+
+    def speed(c):
+        tokens, seconds = a.modelled(c)
+        return tokens / seconds
+
+    return max((c for c in a.configs if c.depth), key=speed).width
 
 
 def test_chooses_the_width_the_text_and_the_costs_call_for():
