@@ -9,8 +9,7 @@ import torch
 from . import tp
 from .config import ConfigError
 from .engine import EngineError
-from .fetch import FetchError
-from .loading import LoadError
+from .loading import FetchError, LoadError
 from .sampling import SamplingError
 from .tree import TreeError
 

@@ -30,14 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .loading import LoadError
+from .loading import FetchError, LoadError
 
 # Where named models live: $MINITREE_MODELS, or models/ beside the package.
 MODELS_DIR = Path(os.environ.get("MINITREE_MODELS") or Path(__file__).resolve().parent.parent / "models")
-
-
-class FetchError(RuntimeError):
-    """A model that could not be fetched (message is meant for users)."""
 
 
 @dataclass(frozen=True)

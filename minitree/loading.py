@@ -21,6 +21,11 @@ class LoadError(ValueError):
     """A checkpoint minitree cannot load (message is meant for users)."""
 
 
+class FetchError(RuntimeError):
+    """A model that could not be fetched (message is meant for users). Defined here, not in
+    fetch.py, so that importing minitree does not import the module `python -m minitree.fetch` runs."""
+
+
 def resolve(checkpoint: str | Path) -> Path:
     """A local checkpoint directory for `checkpoint` (a path, or a hub id downloaded when reachable)."""
     path = Path(checkpoint).expanduser()
