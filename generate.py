@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import minitree
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, FetchError, fetch
+from minitree.errors import FetchError
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, fetch
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
 
@@ -84,7 +85,7 @@ def summary(result: minitree.Result, engine: minitree.Engine, compile_s: float, 
 def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | None, prompt_file: Path | None,
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
          dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
-         deterministic_draft: bool, draft_int8: bool | None, draft_vocab: int, draft_cutoff: float,
+         deterministic_draft: bool, draft_lossy: bool | None, draft_vocab: int, draft_cutoff: float,
          quantize: str | None = None, plan: str | None = None, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
     rank, world = minitree.tp.init()  # under torchrun: the target is sharded over the processes
@@ -100,8 +101,8 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if quantize:
         minitree.quantize(target, quantize)
     drafter = load_model(draft, torch_dtype, device) if use_tree else None
-    if drafter is not None:
-        minitree.cheapen(drafter, draft_int8, draft_vocab)
+    if drafter is not None and draft_vocab:
+        minitree.restrict_vocab(drafter, draft_vocab)
     tok = target.tokenizer
     if tok is None:
         raise minitree.LoadError(f"{checkpoint} has no tokenizer")
@@ -111,7 +112,8 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     engine = minitree.Engine(target, drafter, tree if use_tree else None, max_seq_len=max_seq_len,
-                             compile=compile, attention=attention, draft_cutoff=draft_cutoff, plan=plan)
+                             compile=compile, attention=attention, draft_cutoff=draft_cutoff, plan=plan,
+                             draft_lossy=draft_lossy)
 
     def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
         compile_s = 0.0
@@ -186,9 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--deterministic-draft", action="store_true",
                    help="when sampling, draft the top-k tokens instead of drawing them (still lossless)")
-    p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=None,
-                   help="int8 copies of the draft's weights for its few-row forwards (default: on for CPU); "
-                        "the output does not change")
+    p.add_argument("--draft-lossy", action=argparse.BooleanOptionalAction, default=None,
+                   help="lossy int8/int4 copies of the draft's weights serve the forwards they are measured "
+                        "cheapest for (default: on for CPU); the output does not change")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="the draft proposes only token ids below N (0: all); the output does not change")
     p.add_argument("--draft-cutoff", type=float, default=0.0,
@@ -196,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "probabilities along its path) reaches this (default: 0, off); the output does not change")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="(default: %(default)s)")
-    p.add_argument("--quantize", choices=sorted(minitree.quant.QUANTIZE),
+    p.add_argument("--quantize", choices=sorted(minitree.forms.QUANTIZE),
                    help="weight-only quantized target (CPU kernels): the output is what plain decoding of the "
                         "quantized target gives, not the float target's")
     p.add_argument("--plan", choices=["measure", "exact", "none"],

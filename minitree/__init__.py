@@ -2,14 +2,18 @@
 
 from . import cli, tp
 from .chat import encode
-from .config import ConfigError, ModelArgs, from_hf_config
-from .engine import Engine, EngineError, Result, Stats
-from .loading import LoadError, load
+from .config import ModelArgs, from_hf_config
+from .engine import Engine
+from .errors import ConfigError, EngineError, FetchError, LoadError, MinitreeError, SamplingError, TreeError
+from .forms import quantize, restrict_vocab
+from .loading import load
 from .model import Transformer
-from .quant import cheapen, quantize, quantize_int8, restrict_vocab
-from .sampling import Sampling, SamplingError
-from .tree import DynamicTree, StepTree, Tree, TreeError, TreeSpec, parse_tree
+from .runner import Runner
+from .sampling import Sampling
+from .stats import Result, Stats, Step
+from .tree import DynamicTree, StepTree, Tree, TreeSpec, parse_tree
 
-__all__ = ["cli", "tp", "load", "Engine", "Tree", "DynamicTree", "TreeSpec", "StepTree", "parse_tree", "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats",
-           "encode", "cheapen", "quantize", "quantize_int8", "restrict_vocab",
-           "ConfigError", "EngineError", "LoadError", "SamplingError", "TreeError"]
+__all__ = ["cli", "tp", "load", "Engine", "Runner", "Tree", "DynamicTree", "TreeSpec", "StepTree", "parse_tree",
+           "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats", "Step", "encode", "quantize",
+           "restrict_vocab", "MinitreeError", "ConfigError", "EngineError", "FetchError", "LoadError", "SamplingError",
+           "TreeError"]

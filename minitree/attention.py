@@ -12,7 +12,9 @@ committed prefix. The ancestor relation is an int64 bitmask per node (bit j of
 anc_bits[i] set iff node j is i or an ancestor of i), so a tree holds at most 64 nodes.
 A causal chunk (prefill) is the same rule with `base` beyond every slot.
 
-This module does not run attention; model.py does, with either mask form built here.
+`attend` runs attention under this rule, with either mask form (FlexAttention's BlockMask,
+or a dense mask for SDPA, the reference); the model calls it in every layer, so the mask is
+built inside the compiled layer from tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128  # FlexAttention block size, in slots and in queries
 NO_TREE = 1 << 40  # a `base` beyond any slot: the rule degenerates to causal-by-slot
@@ -32,7 +35,8 @@ def tree_mask_mod(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor
     def mask_mod(b, h, q_idx, kv_idx):
         rel = kv_idx - base
         bit = (anc_bits[q_node[q_idx]] >> rel.clamp(0, 63)) & 1
-        # Integer arithmetic instead of `&`/`|` on mixed lookups: see DESIGN.md, CPU traps.
+        # Integer arithmetic instead of `&`/`|` on mixed lookups: a CPU compile trap of
+        # torch 2.13 (README, "Compilation").
         in_tree = torch.where(rel < 0, 1, bit)
         causal = torch.where(kv_idx <= q_slot[q_idx], 1, 0)
         return (in_tree * causal) > 0
@@ -71,25 +75,37 @@ def dense_mask(q_slot: torch.Tensor, q_node: torch.Tensor, base: torch.Tensor, a
 
 
 class TreeMask(NamedTuple):
-    """The mask rule's parameters, passed to the model's forward; each layer builds the actual
-    mask from them inside its compiled region (queries sit at their own write slots)."""
+    """The mask rule's parameters, passed to the model's forward; `attend` builds the actual mask
+    from them in every layer (queries sit at their own write slots)."""
     q_node: torch.Tensor  # [T] tree node of each query (0 for causal queries)
     base: torch.Tensor  # [] slot of the tree root; NO_TREE for causal-by-slot
     anc_bits: torch.Tensor  # [n] int64 ancestor bitmask per tree node
     flex: bool = True  # FlexAttention BlockMask, or a dense bool mask for SDPA
     q_slot: torch.Tensor | None = None  # [T'] slots the mask rows stand for, when not the write slots
 
-    def build(self, q_slot: torch.Tensor, cache_len: int):
-        make = block_mask if self.flex else dense_mask
-        q_slot = q_slot if self.q_slot is None else self.q_slot
-        return make(q_slot, self.q_node, self.base, self.anc_bits, cache_len)
-
-    def for_one_query(self, slots: torch.Tensor) -> "TreeMask":
-        """Compiled flex fails with a single query on CPU (DESIGN.md): a one-query forward masks two
-        identical queries instead (model.py runs its query twice through attention)."""
-        return self._replace(q_node=self.q_node.repeat(2), q_slot=slots.repeat(2)) if self.flex else self
-
     @classmethod
     def causal(cls, T: int, device, flex: bool = True) -> "TreeMask":
         return cls(torch.zeros(T, dtype=torch.long, device=device), torch.tensor(NO_TREE, device=device),
                    torch.ones(1, dtype=torch.long, device=device), flex)
+
+    def for_one_query(self, slots: torch.Tensor) -> "TreeMask":
+        """Compiled flex fails with a single query on CPU (README, "Compilation"): a one-query forward
+        masks two identical queries instead (`attend` runs its query twice). The repeated tensors
+        are made here, outside the compiled layers: Inductor's CPU flex template takes its mask's
+        tensors as inputs only (computed ones leave it without a kernel on one thread)."""
+        return self._replace(q_node=self.q_node.repeat(2), q_slot=slots.repeat(2)) if self.flex else self
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+           mask: TreeMask) -> torch.Tensor:
+    """Queries q [1, H, T, D] at cache `slots` [T] attend to the cache keys, values [1, H_kv, S, D]
+    under the tree rule -> [1, H, T, D]."""
+    S, T = keys.shape[2], q.shape[2]
+    q_slot = slots if mask.q_slot is None else mask.q_slot
+    if not mask.flex:
+        dense = dense_mask(q_slot, mask.q_node, mask.base, mask.anc_bits, S)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=dense, enable_gqa=True)
+    if q_slot.numel() != T:  # TreeMask.for_one_query
+        q = q.repeat(1, 1, q_slot.numel() // T, 1)
+    blocks = block_mask(q_slot, mask.q_node, mask.base, mask.anc_bits, S)
+    return flex_attention(q, keys, values, block_mask=blocks, enable_gqa=True)[:, :, :T]

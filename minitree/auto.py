@@ -74,6 +74,12 @@ def _widths(depth: int, width: int) -> tuple[int, ...]:
     return tuple(DynamicTree(depth, width, K, 1).widths)
 
 
+@functools.lru_cache(maxsize=None)
+def _cand_depth(depth: int, width: int) -> tuple[int, ...]:
+    """The depth of each candidate a dynamic tree drafts, in slot order."""
+    return tuple(DynamicTree(depth, width, K, 1).cand_depth.tolist())
+
+
 def family() -> list[Config]:
     configs = [Config(0, 0)]
     for w in WIDTHS:
@@ -154,31 +160,37 @@ class Auto:
         return max((c for c in self.configs if c.depth or not speculative), key=self.predicted)
 
     # ------------------------------------------------------------------------------------
-    def observe(self, config: Config, verified: list[float], accepted: set[int], candidates: list[float],
-                cand_depth: list[int], levels: int, draft_s: float, verify_s: float) -> None:
-        """One step: the confidences of the verified nodes (root first) and which were accepted,
-        the confidence and depth of every drafted candidate, the draft levels run, phase times."""
+    def observe(self, config: Config, step, n: int) -> None:
+        """One step (stats.Step) along `config` that committed n tokens: the confidences of the
+        verified nodes and which were accepted, the confidence of every drafted candidate, the draft
+        levels run, and (when the engine times its steps) what drafting and verifying cost."""
+        tree, levels = step.tree, step.levels
+        accepted = set(step.path[:n].tolist())
+        timed = "verify" in step.times
+        draft_s, verify_s = step.times.get("draft", 0.0), step.times.get("verify", 0.0)
         for run in self.runs.values():
             run[:] = [DECAY * v for v in run]
-        run = self.runs.setdefault(config.name, [0.0, 0.0, 0.0])
-        run[0] += 1
-        run[1] += len(accepted)  # the accepted nodes with the root: the committed tokens
-        run[2] += draft_s + verify_s
-        extra = verify_s - self.verify_cost(config.nodes + 1 if config.depth else 1)
-        self.verify_extra = 0.9 * self.verify_extra + 0.1 * max(extra, 0.0)
+        if timed:
+            run = self.runs.setdefault(config.name, [0.0, 0.0, 0.0])
+            run[0] += 1
+            run[1] += n  # the accepted nodes with the root: the committed tokens
+            run[2] += draft_s + verify_s
+            extra = verify_s - self.verify_cost(config.nodes + 1 if config.depth else 1)
+            self.verify_extra = 0.9 * self.verify_extra + 0.1 * max(extra, 0.0)
         if config.depth == 0:
             return
-        extra = (draft_s - self.draft_seconds(config, levels) + levels * self.draft_extra) / levels
-        self.draft_extra = 0.9 * self.draft_extra + 0.1 * max(extra, 0.0)
-        self.saturated = 0.9 * self.saturated + 0.1 * (len(accepted) - 1 >= config.depth)
+        if timed and levels:
+            extra = (draft_s - self.draft_seconds(config, levels) + levels * self.draft_extra) / levels
+            self.draft_extra = 0.9 * self.draft_extra + 0.1 * max(extra, 0.0)
+        self.saturated = 0.9 * self.saturated + 0.1 * (n - 1 >= config.depth)
         # calibration: each verified node's confidence, and whether it was accepted
-        for i, conf in enumerate(verified[1:], 1):
+        for i, conf in enumerate(tree.conf.tolist()[1:], 1):
             b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
             self.seen[b] += 1
             self.hits[b] += i in accepted
-        self._score(candidates, cand_depth, config.width)
+        self._score(tree.candidates.tolist(), _cand_depth(config.depth, config.width), config.width)
 
-    def _score(self, candidates: list[float], cand_depth: list[int], drafted_width: int) -> None:
+    def _score(self, candidates: list[float], cand_depth: tuple[int, ...], drafted_width: int) -> None:
         """Expected accepted nodes of every (width, depth, nodes) configuration, from this step's
         candidates (in slot order: each level holds the children of the level above's frontier,
         most confident parent first)."""

@@ -7,13 +7,9 @@ import sys
 import torch
 
 from . import tp
-from .config import ConfigError
-from .engine import EngineError
-from .loading import FetchError, LoadError
-from .sampling import SamplingError
-from .tree import TreeError
+from .errors import MinitreeError
 
-USER_ERRORS = (LoadError, ConfigError, TreeError, SamplingError, EngineError, FetchError, OSError)
+USER_ERRORS = (MinitreeError, OSError)
 
 
 def run(main, args) -> None:

@@ -6,12 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 # Architectures the single Transformer in model.py implements, switched by the fields below.
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-class ConfigError(ValueError):
-    """A checkpoint's config.json that minitree cannot use (message is meant for users)."""
 
 
 @dataclass

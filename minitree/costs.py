@@ -11,8 +11,9 @@ in seconds, and caches the result keyed by the machine, torch, threads, the mode
 dtype and quantization. A `Plan` turns those costs into execution shapes:
 
 - rows(n): how many rows a forward of n queries runs (padded where more rows are cheaper);
-- the kernel setting per row count: oneDNN on or off, or a copy of the weights
-  (quant.CopiedLinear: packed in oneDNN's layout, fp32, a draft's int8), made where it serves;
+- the kernel setting per row count (forms.py): the weights as loaded, oneDNN off, or a copy of
+  the weights (dequantized, packed in oneDNN's layout, fp32; a draft's lossy int8/int4), made
+  where it serves;
 - prefill chunks: a prompt is cut into the cheapest sequence of a few fixed chunk shapes;
 - cost(n): the measured seconds of a forward, for `--tree auto` (auto.py).
 
@@ -30,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,87 +38,46 @@ from pathlib import Path
 
 import torch
 
-ISA_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2", "fma", "neon", "asimd")
+from . import tp
+from .forms import LOSSY, FormLinear, quant_kinds
+from .machine import describe, machine, onednn, packs
+
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
 GEMV_PROBE_ROWS = 16  # with oneDNN off, float GEMMs grow ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
 PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
-COPIES = ("packed", "fp32", "int8")  # kernel settings served by copies of the weights (quant.CopiedLinear)
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
 
 
-@functools.lru_cache(maxsize=None)
-def machine() -> dict:
-    """CPU model, its instruction-set flags (and the few that decide the kernels), cores, GPU."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                cpu = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = value.split()
-    except OSError:
-        pass
-    isa = [f for f in ISA_FLAGS if f in flags]
-    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):  # kernels chosen below the hardware's
-        if os.environ.get(var):
-            isa.append(f"{var}={os.environ[var]}")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(cpu=cpu, isa=isa, flags=flags, cores=os.cpu_count(), gpu=gpu)
+def form_layers(module) -> list[FormLinear]:
+    return [m for m in module.modules() if isinstance(m, FormLinear)]
 
 
-def describe() -> str:
-    """One line for table headers: 'AMD EPYC (avx512_bf16 avx512f avx2), 2 cores'."""
-    m = machine()
-    return m["gpu"] or f"{m['cpu']} ({' '.join(m['isa']) or 'no SIMD flags read'}), {m['cores']} cores"
-
-
-# ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def onednn(enabled: bool):
-    """oneDNN (mkldnn) on or off for the ops run inside; what torch.backends.mkldnn.flags does,
-    without the notice it prints at every call."""
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(was)
-
-
-def _linears(module):
-    from .quant import CopiedLinear, Int4Linear, Int8Linear
-    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear, CopiedLinear))]
-
-
-def _settings(model) -> list[str]:
-    """Kernel settings worth timing: oneDNN on; for half-precision float weights on a CPU with
-    oneDNN, oneDNN off (torch's matrix-vector kernels) and, unless the model is quantized, copies
-    of the weights (quant.CopiedLinear): packed in oneDNN's layout (where oneDNN packs that
-    dtype) and fp32 (where bf16 is emulated, fp32 rows are cheaper); int8 copies, where a draft
-    was given them (quantize_int8)."""
-    from .quant import has_int8_copies, packs
+def settings(model, lossy: bool = False) -> list[str]:
+    """Kernel settings worth timing for a runner's model (forms.py): the weights as loaded; for
+    half-precision weights on a CPU with oneDNN, oneDNN off, a dequantized copy of quantized
+    layers, packed copies (where oneDNN packs that dtype) and fp32 copies; lossy int8/int4 copies
+    where the runner may approximate (a draft)."""
     w = model.model.embed_tokens.weight
-    settings = ["onednn"]
-    if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
-        settings.append("gemv")
-        if not model.quantized:
-            settings += ["packed", "fp32"] if packs(w.dtype) else ["fp32"]
-    if has_int8_copies(model):
-        settings.append("int8")
-    return settings
+    found = ["native"]
+    cpu = w.device.type == "cpu"
+    if cpu and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        found.append("gemv")
+        if any(m.quantized for m in form_layers(model)):
+            found.append("float")
+        found += ["packed", "fp32"] if packs(w.dtype) else ["fp32"]
+    if lossy and cpu:
+        found += [s for s in LOSSY if s == "int8" or all(m.in_features % 32 == 0 for m in form_layers(model))]
+    return found
 
 
-def probe_key(model) -> str:
-    from .quant import packs
+def probe_key(model, lossy: bool = False) -> str:
     a, w = model.args, model.model.embed_tokens.weight
-    head = model.lm_head
     signature = dict(machine={k: v for k, v in machine().items() if k != "flags"}, torch=torch.__version__,
                      threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
                      shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
-                            head.out_features],
-                     quantized=getattr(model, "quantized", None), settings=_settings(model), rows=ROWS,
+                            model.lm_head.out_features],
+                     quantized=quant_kinds(model), settings=settings(model, lossy), rows=ROWS,
                      fp32_packed=packs(torch.float32))
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,13 +88,13 @@ def _run_all(mods, xs: dict) -> None:
 
 
 @torch.inference_mode()
-def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
-    """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not timed)."""
-    from .quant import CopiedLinear
+def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
+    """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not
+    timed), for a runner's model (its layers are FormLinear)."""
     w = model.model.embed_tokens.weight
     sub = list(model.model.layers)[:layers]
     scale = model.args.n_layers / len(sub)
-    mods, head = _linears(torch.nn.ModuleList(sub)), model.lm_head
+    mods, head = form_layers(torch.nn.ModuleList(sub)), form_layers(torch.nn.ModuleList([model.lm_head]))[0]
 
     def sync():
         if w.device.type == "cuda":
@@ -152,13 +111,13 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
             ts.append(time.perf_counter() - t)
         return sorted(ts)[len(ts) // 2]
 
-    def alone(m, setting):  # the layer with `setting`'s copy (made for as long as it is timed) or none
-        if not isinstance(m, (torch.nn.Linear, CopiedLinear)):
-            return m  # quantized: one form only
-        return CopiedLinear(m, {setting: frozenset(ROWS)} if setting in COPIES else {})
+    def alone(m: FormLinear, setting: str) -> FormLinear:  # the layer in `setting`'s form, for as long as it is timed
+        copy = FormLinear(m.source)
+        copy.serve({setting: frozenset(ROWS)})
+        return copy
 
     costs = {}
-    for setting in _settings(model):
+    for setting in settings(model, lossy):
         run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
         row = []
         for r in ROWS:
@@ -177,9 +136,9 @@ def probe(model, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
     return costs
 
 
-def cached_probe(model, name: str = "model") -> dict[str, list[float]]:
-    """probe(model), measured once per key (machine, torch, threads, shapes, dtype, quantization)."""
-    key = probe_key(model)
+def cached_probe(model, name: str = "model", lossy: bool = False) -> dict[str, list[float]]:
+    """probe(model), measured once per key (machine, torch, threads, shapes, dtype, weight formats)."""
+    key = probe_key(model, lossy)
     try:
         cache = json.loads(CACHE.read_text())
     except (OSError, json.JSONDecodeError):
@@ -189,7 +148,7 @@ def cached_probe(model, name: str = "model") -> dict[str, list[float]]:
     print(f"measuring what a forward of {name} costs on this machine (once; cached in {CACHE})",
           file=sys.stderr, flush=True)
     t = time.perf_counter()
-    costs = probe(model)
+    costs = probe(model, lossy)
     cache[key] = dict(costs=costs, rows=ROWS, machine=describe(), torch=torch.__version__,
                       threads=torch.get_num_threads(), name=name, seconds=time.perf_counter() - t,
                       date=time.strftime("%Y-%m-%d %H:%M"))
@@ -221,20 +180,18 @@ def _interp(values: list[float], n: float) -> float:
 class Plan:
     """How a model runs a forward of n queries on this machine.
 
-    costs     setting -> seconds at ROWS (empty: unmeasured; then forwards run as they come)
+    costs     setting -> seconds at ROWS (empty: unmeasured; then forwards run as they come, in the
+              weights' own form)
     min_rows  forwards are padded to at least this many rows (the "exact" plan: 4)
-    int8_max  unmeasured plans: int8 weight copies (drafts) serve forwards of at most this many rows
     """
     costs: dict = field(default_factory=dict)
     min_rows: int = 1
-    int8_max: int = 4
     name: str = "none"
 
     @classmethod
-    def measured(cls, model, name: str = "model") -> "Plan":
+    def measured(cls, model, name: str = "model", lossy: bool = False) -> "Plan":
         """From this machine's costs; with tensor parallelism, rank 0's, so every rank runs alike."""
-        from . import tp
-        return cls(tp.broadcast(cached_probe(model, name) if tp.world()[0] == 0 else None), name="measured")
+        return cls(tp.broadcast(cached_probe(model, name, lossy) if tp.world()[0] == 0 else None), name="measured")
 
     @classmethod
     def exact(cls) -> "Plan":
@@ -245,7 +202,7 @@ class Plan:
     def setting(self, rows: int) -> str:
         """The kernel setting measured cheapest for a forward of `rows` rows."""
         if not self.costs:
-            return "int8" if rows <= self.int8_max else "onednn"
+            return "native"
         return min(self.costs, key=lambda s: _interp(self.costs[s], rows))
 
     def cost(self, n: int) -> float:
@@ -282,22 +239,14 @@ class Plan:
         return best[length][1]
 
     def apply(self, model) -> None:
-        """Give `model` this plan: copies of its weights (quant.CopiedLinear) serve the row counts
-        where they were measured cheapest: packed or fp32 copies, made here the first time some
-        row count needs them (each doubles the weight memory), and a draft's int8 copies."""
-        from .quant import CopiedLinear, _replace_linears, has_int8_copies
-        model.plan = self
-        copies = {}
-        for form in COPIES:
-            rows = frozenset(r for r in range(1, ROWS[-1] + 1) if self.setting(r) == form)
-            if rows and (form != "int8" or has_int8_copies(model)):
-                copies[form] = rows
-        for m in model.modules():
-            if isinstance(m, CopiedLinear):
-                m.serve(copies)
-        if copies and not isinstance(model.lm_head, CopiedLinear):
-            _replace_linears(model, lambda linear: CopiedLinear(linear, copies))
+        """Serve each row count of a runner's model in the form of its setting (forms.FormLinear;
+        copies are made the first time some row count needs them)."""
+        rows = {}
+        for r in range(1, ROWS[-1] + 1):
+            rows.setdefault(self.setting(r), set()).add(r)
+        for m in form_layers(model):
+            m.serve({s: frozenset(rs) for s, rs in rows.items()})
 
     def describe(self) -> str:
-        """'1 -> 1 gemv, 2 -> 2 gemv, 3 -> 4 onednn, ...' for the row counts that matter."""
+        """'1->1 gemv, 2->2 packed, ...' for the row counts that matter."""
         return ", ".join(f"{n}->{self.rows(n)} {self.setting(self.rows(n))}" for n in (1, 2, 3, 4, 6, 8, 11, 16, 32))

@@ -26,7 +26,7 @@ def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling
                generator: torch.Generator | None, cutoff: float = 0.0):
     """-> this step's StepTree, the draft distributions q [rows, V] each frontier node's children
     were chosen from (None when greedy), and the number of draft forwards run.
-    `run` is the draft's masked forward."""
+    `run` is the draft's runner (runner.py)."""
     base, dev, K = L - 1, seq.device, spec.k
     M = spec.n_candidates
     tokens = torch.full((M,), UNDRAFTED, dtype=torch.long, device=dev)

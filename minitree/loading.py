@@ -13,17 +13,10 @@ import torch
 from safetensors import safe_open
 
 from . import tp
-from .config import ConfigError, from_hf_config
-from .model import Transformer
-
-
-class LoadError(ValueError):
-    """A checkpoint minitree cannot load (message is meant for users)."""
-
-
-class FetchError(RuntimeError):
-    """A model that could not be fetched (message is meant for users). Defined here, not in
-    fetch.py, so that importing minitree does not import the module `python -m minitree.fetch` runs."""
+from .config import from_hf_config
+from .errors import LoadError
+from .gguf import read_gguf
+from .model import Transformer, rope_frequencies
 
 
 def resolve(checkpoint: str | Path) -> Path:
@@ -63,32 +56,35 @@ def _state_dict(path: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Te
 
 
 def load_state(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
-    """Assign `tensors` (HF names) to a meta-device `model`, checking every name and shape."""
+    """Assign `tensors` (HF names) to the parameters a meta-device `model` still lacks, checking every
+    name and shape."""
     if model.args.tie_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         rows = model.lm_head.weight.shape[0]  # this rank's vocabulary rows, when tensor-parallel
         rank = tp.world()[0] if model.args.world > 1 else 0
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"][rank * rows:(rank + 1) * rows]
-    expected = dict(model.named_parameters())
+    expected = {name: p for name, p in model.named_parameters() if p.is_meta}
     for name, param in expected.items():
         if name not in tensors:
             raise LoadError(f"tensor {name} is missing from the checkpoint")
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise LoadError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
     state = {name: tensors[name].to(device=device, dtype=dtype) for name in expected}
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=False)  # every parameter still missing is in `state`
+    model.inv_freq = rope_frequencies(model.args).to(device)  # a buffer computed, not loaded
 
 
 def load(checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         tokenizer: bool = True, tensor_parallel: bool = False) -> Transformer:
+         tokenizer: bool = True, tensor_parallel: bool = False, dequantize: bool = False) -> Transformer:
     """Load a Llama-family checkpoint. The tokenizer (or None) is attached as `model.tokenizer`.
-    tensor_parallel: inside a process group of several ranks (tp.init), load only this rank's
-    shard of the model (tp.py)."""
+    A GGUF file keeps its quantized weights (gguf.py; CPU), unless `dequantize` (float weights in
+    `dtype`). tensor_parallel: inside a process group of several ranks (tp.init), load only this
+    rank's shard of the model (tp.py)."""
     path = resolve(checkpoint)
     rank, world = tp.world() if tensor_parallel else (0, 1)
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
         if world > 1:
             raise LoadError(f"tensor parallelism reads safetensors checkpoints; {path} is GGUF")
-        return _load_gguf(path, dtype, device, tokenizer)
+        return _load_gguf(path, dtype, device, tokenizer, dequantize)
     config = path / "config.json"
     if not config.exists():
         raise LoadError(f"{path} has no config.json (expected a Hugging Face checkpoint directory or a .gguf file)")
@@ -129,16 +125,31 @@ def hf_from_gguf(path: Path, dtype: torch.dtype):
     return hf, tok
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device, tokenizer: bool) -> Transformer:
-    hf, tok = hf_from_gguf(path, dtype)
-    cfg = hf.config.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [type(hf).__name__]
+def _load_gguf(path: Path, dtype: torch.dtype, device, tokenizer: bool, dequantize: bool) -> Transformer:
+    file = gguf_file(path)
+    if not dequantize and torch.device(device).type != "cpu":
+        raise LoadError(f"{file}: quantized GGUF weights run on minitree's CPU kernels; on {device}, load them "
+                        f"dequantized (--dequantize)")
+    args, tensors, layers = read_gguf(file, dtype, dequantize)
     with torch.device("meta"):
-        model = Transformer(from_hf_config(cfg))
-    load_state(model, dict(hf.state_dict()), dtype, device)
+        model = Transformer(args)
+    for name, layer in layers.items():  # quantized linear layers, kept as the file holds them (gguf.py)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    load_state(model, tensors, dtype, device)
     model.eval().requires_grad_(False)
-    model.tokenizer = tok if tokenizer else None
+    model.tokenizer = None
+    if tokenizer:  # the tokenizer files beside a fetched GGUF, else the one inside it
+        model.tokenizer = load_tokenizer(file.parent) or hf_tokenizer(file)
     return model
+
+
+def hf_tokenizer(file: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except Exception as e:
+        raise LoadError(f"{file}: its tokenizer could not be read ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(path: Path):
@@ -148,5 +159,3 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
 
-
-__all__ = ["load", "LoadError", "ConfigError", "resolve", "load_state", "load_tokenizer"]

@@ -1,15 +1,15 @@
 """One Transformer for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), switched by ModelArgs.
 
-Batch size 1. `forward(tokens, positions, slots, mask)` keeps two indices apart:
-`positions` feed RoPE (a tree node's position is prefix + depth), `slots` say where in the
-static KV cache each token's keys and values are written (a tree node's slot is prefix +
-its flat index). `mask` holds the tensors of the attention rule (attention.TreeMask); each
-layer turns it into a FlexAttention BlockMask or a dense SDPA mask. `compile_layers()`
-compiles one decoder layer function shared by all layers (regional compilation: one
-graph per query length, reused by every layer, instead of one graph for the whole model).
-Module and parameter names follow Hugging Face's, so a checkpoint's state dict loads
-without renaming (HF stores q/k already permuted for its
-rotate-half RoPE, which is the RoPE used here).
+The model alone: weights and the forward pass, nothing about how it is run (runner.py owns the
+KV cache, compilation, padding and kernel choices). Batch size 1.
+`forward(tokens, positions, slots, kv_cache, mask)` keeps two indices apart: `positions` feed
+RoPE (a tree node's position is prefix + depth), `slots` say where in the static KV cache each
+token's keys and values are written (a tree node's slot is prefix + its flat index). `mask`
+holds the tensors of the attention rule (attention.TreeMask). Module and parameter names follow
+Hugging Face's, so a checkpoint's state dict loads without renaming (HF stores q/k already
+permuted for its rotate-half RoPE, which is the RoPE used here). With tensor parallelism
+(tp.py) the model holds this rank's shard: its row-parallel outputs are all-reduced here, its
+logits are this rank's vocabulary rows.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .attention import TreeMask
+from .attention import TreeMask, attend
 from .config import ModelArgs
-from .costs import Plan
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +85,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.qk_norm = args.qk_norm
 
-    def forward(self, x, cos, sin, slots, kv_cache, mask):
-        # x [1, T, dim]; kv_cache [2, 1, H_kv, S, D] (this layer's view of the model's cache)
+    def forward(self, x, cos, sin, slots, kv_cache, mask: TreeMask):
+        # x [1, T, dim]; kv_cache [2, 1, H_kv, S, D] (this layer's view of the cache)
         T = x.shape[1]
         q = self.q_proj(x).view(1, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(1, T, self.n_kv_heads, self.head_dim)
@@ -99,12 +97,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_cache[0].index_copy_(2, slots, k)
         kv_cache[1].index_copy_(2, slots, v)
-        keys, values = kv_cache[0], kv_cache[1]  # [1, H_kv, S, D]
-        if isinstance(mask, BlockMask):  # one query runs as two identical ones (TreeMask.build)
-            q = q if mask.seq_lengths[0] == T else q.repeat(1, 1, mask.seq_lengths[0] // T, 1)
-            y = flex_attention(q, keys, values, block_mask=mask, enable_gqa=True)[:, :, :T]
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        y = attend(q, kv_cache[0], kv_cache[1], slots, mask)  # [1, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
 
 
@@ -136,24 +129,6 @@ class DecoderLayer(nn.Module):
         return x + all_reduce(self.mlp(self.post_attention_layernorm(x)), self.world)
 
 
-def run_layer(layer: DecoderLayer, x, cos, sin, slots, kv_cache, mask: TreeMask, cache_len: int):
-    return layer(x, cos, sin, slots, kv_cache, mask.build(slots, cache_len))
-
-
-COMPILED_RUN_LAYER = torch.compile(run_layer, fullgraph=True, dynamic=False)
-
-
-def pin_vector_width() -> None:
-    """Name in Inductor's config the SIMD width its CPU code is written for. Inductor picks the
-    width from ATEN_CPU_CAPABILITY, but its on-disk graph cache key leaves that out (torch
-    2.13): code written for 8 lanes under `ATEN_CPU_CAPABILITY=avx2` was later compiled for 16
-    natively, and decoded wrong tokens. A width in the config is part of the key."""
-    from torch._inductor import config
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-    if config.cpp.simdlen is None and (isa := pick_vec_isa()):
-        config.cpp.simdlen = isa.bit_width()
-
-
 class Backbone(nn.Module):
     """HF's `model.*` submodule: embeddings, layers, final norm."""
 
@@ -170,51 +145,16 @@ class Transformer(nn.Module):
         self.args = args
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.dim, args.vocab_size // args.world, bias=False)  # this rank's vocabulary rows
-        self.cache_len = 0
-        self.run_layer = run_layer
-        self.plan = Plan()  # execution shapes on this machine (costs.py); the engine measures one
-        self.quantized = None  # "int8" / "int4" once quant.quantize replaced the float weights
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def compile_layers(self, enabled: bool = True) -> None:
-        """Run the layers through one compiled layer function (fullgraph, static shapes), or eagerly."""
-        if enabled and self.model.embed_tokens.weight.device.type == "cpu":
-            pin_vector_width()
-        self.run_layer = COMPILED_RUN_LAYER if enabled else run_layer
-
-    def setup_cache(self, cache_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the static KV cache [layers, 2, 1, H_kv, cache_len, D] and the RoPE table."""
-        a, w = self.args, self.model.embed_tokens.weight
-        self.cache_len = cache_len
-        self.register_buffer("kv_cache", torch.zeros(a.n_layers, 2, 1, a.n_kv_heads // a.world, cache_len, a.head_dim,
-                                                     dtype=dtype or w.dtype, device=w.device), persistent=False)
-        self.register_buffer("inv_freq", rope_frequencies(a).to(w.device), persistent=False)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: TreeMask,
-                logits: bool = True) -> torch.Tensor | None:
-        """tokens, positions, slots [T] -> logits [T, vocab] in fp32 (None when logits=False)."""
-        n = tokens.numel()
-        rows = self.plan.rows(n)
-        if rows > n:
-            # Padded with copies of the first query (same token, slot and mask row, so the same cache
-            # write) where the plan measured more rows to be cheaper, or to round alike (Plan.exact).
-            pad = torch.cat([torch.arange(n, device=tokens.device),
-                             torch.zeros(rows - n, dtype=torch.long, device=tokens.device)])
-            tokens, positions, slots, mask = tokens[pad], positions[pad], slots[pad], mask._replace(q_node=mask.q_node[pad])
-        if rows == 1:
-            mask = mask.for_one_query(slots)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_cache: torch.Tensor,
+                mask: TreeMask, logits: bool = True) -> torch.Tensor:
+        """tokens, positions, slots [T]; kv_cache [layers, 2, 1, H_kv, S, D] -> logits [T, vocab rows]
+        (hidden states [T, dim] when logits=False, for caching a prompt)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         freqs = torch.cat((freqs, freqs), dim=-1)
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(tokens)[None]  # [1, T, dim]
-        with self.plan.kernels(rows):
-            for i, layer in enumerate(self.model.layers):
-                x = self.run_layer(layer, x, cos, sin, slots, self.kv_cache[i], mask, self.cache_len)
-            if not logits:
-                return None
-            out = self.lm_head(self.model.norm(x[0])).float()[:n]  # [n, vocab] (or fewer: quant.restrict_vocab)
-        if self.args.world > 1:  # every rank's vocabulary rows, side by side
-            out = funcol.all_gather_tensor(out, 0, dist.group.WORLD).view(self.args.world, n, -1)
-            out = out.transpose(0, 1).reshape(n, -1)
-        if out.shape[-1] < self.args.vocab_size:
-            out = F.pad(out, (0, self.args.vocab_size - out.shape[-1]), value=float("-inf"))
-        return out
+        for layer, layer_cache in zip(self.model.layers, kv_cache):
+            x = layer(x, cos, sin, slots, layer_cache, mask)
+        return self.lm_head(self.model.norm(x[0])) if logits else x[0]

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class SamplingError(ValueError):
-    """Invalid sampling parameters (message is meant for users)."""
+from .errors import SamplingError
 
 
 @dataclass(frozen=True)

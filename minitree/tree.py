@@ -37,12 +37,10 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import TreeError
+
 MAX_NODES = 64  # root included: the ancestor relation is an int64 bitmask per node
 UNDRAFTED = -1  # token of a node the draft did not reach (early stop): never accepted
-
-
-class TreeError(ValueError):
-    """A malformed tree (message is meant for users)."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,6 @@ from .tree import StepTree
 
 
 def verify(run, tree: StepTree, base: torch.Tensor) -> torch.Tensor:
-    """-> target logits [n, V] at every node. `run` is the target's masked forward."""
+    """-> target logits [n, V] at every node. `run` is the target's runner (runner.py)."""
     nodes = torch.arange(tree.tokens.numel(), device=tree.tokens.device)
     return run(tree.tokens.clamp(min=0), base + tree.depth, base + nodes, nodes, base, tree.anc_bits)

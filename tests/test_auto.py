@@ -7,6 +7,7 @@ import torch
 
 import minitree
 from minitree.auto import Auto, Config
+from reference import plain
 from tiny import save_random
 from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
 
@@ -23,9 +24,8 @@ def cycling(monkeypatch, seed=0):
 def test_greedy_exact_while_switching(pair, monkeypatch):
     target, draft = pair
     cycling(monkeypatch)
-    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=512).generate(PROMPT, 90).tokens
     result = minitree.Engine(target, draft, "auto", compile=False, max_seq_len=512).generate(PROMPT, 90)
-    assert result.tokens == plain
+    assert result.tokens == plain(target, PROMPT, 90)
     assert len(result.stats.configs) >= 8 and result.stats.configs["plain"] >= 10
     assert sum(result.stats.accepted_ranks.values()) > 0
 
@@ -65,15 +65,21 @@ def test_keeps_drafting_with_a_good_draft(pair, pair_dirs):
     assert stats.configs["plain"] == 0 and stats.tau > 2.5
 
 
+def step(verified, path, candidates, levels, times):
+    """What Auto.observe reads of an engine step (stats.Step)."""
+    tree = minitree.StepTree(*[None] * 10)._replace(conf=torch.tensor(verified), candidates=torch.tensor(candidates))
+    return minitree.Step(None, None, torch.tensor(path), tree, levels, times)
+
+
 def test_calibration_and_prediction():
     """A draft whose confidence overstates acceptance is learned as such; deeper trees are
     predicted to pay only while nodes are accepted."""
     a = Auto(lambda rows: 0.05, lambda rows: 0.2)
     assert a.acceptance(0.9) == pytest.approx(0.925)  # the prior: calibrated
-    for _ in range(200):  # nodes of confidence ~0.9 are accepted a third of the time
-        a.observe(Config(2, 3), [1.0, 0.9, 0.9, 0.9], {0, 1}, [1.0, 0.9, 0.05, 0.9, 0.9], [0, 1, 1, 2, 2], 2,
-                  0.1, 0.2)
-    assert a.acceptance(0.9) == pytest.approx(1 / 3, abs=0.02)
+    candidates = [1.0, 0.92, 0.05, -1.0, -1.0] + [0.92, 0.92] + [-1.0] * 6  # depth 2, width 2: 4 + 8 candidates
+    for _ in range(200):  # nodes of confidence ~0.92 (fp32 on the device) are accepted a third of the time
+        a.observe(Config(2, 3), step([1.0, 0.92, 0.92, 0.92], [0, 1, 1], candidates, 2, dict(draft=0.1, verify=0.2)), 2)
+    assert a.acceptance(0.92) == pytest.approx(1 / 3, abs=0.02)
     assert a.predicted(Config(0, 0)) == pytest.approx(1 / 0.2, rel=0.05)
     assert a.predicted(a.best()) >= a.predicted(Config(0, 0))
 
@@ -84,13 +90,12 @@ def _modelled_best(second_p: float, draft_cost) -> int:
     a = Auto(draft_cost, lambda rows: 1.0)
     a.draft_extra = a.verify_extra = 0.0
     probs = [0.97 - second_p, second_p, 0.02, 0.01]
-    candidates, depths, level = [1.0], [0], [1.0]
+    candidates, level = [1.0], [1.0]
     for d in range(1, 5):
         level = [f * p for f in sorted(level, reverse=True)[:2] for p in probs]
         candidates += level
-        depths += [d] * len(level)
     for _ in range(40):
-        a.observe(Config(4, 7), [1.0], {0}, candidates, depths, 4, 1.0, 1.0)
+        a.observe(Config(4, 7), step([1.0], [0], candidates, 4, dict(draft=1.0, verify=1.0)), 1)
 
     def speed(c):
         tokens, seconds = a.modelled(c)

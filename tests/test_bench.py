@@ -69,7 +69,7 @@ def test_bench_cost_only_predicts_from_an_acceptance_profile(pair_dirs, tmp_path
                 "--out", out)
     result = json.loads(out.read_text())
     plans = result["meta"]["plans"]  # the forward costs behind plans and --tree auto, from minitree/costs.py
-    assert set(plans) == {"target", "draft"} and all(p["costs_s"]["onednn"] for p in plans.values())
+    assert set(plans) == {"target", "draft"} and all(p["costs_s"]["native"] for p in plans.values())
     assert "minitree/costs.py" in run.stdout
     costs = result["costs_ms"]
     assert set(costs) == {"plain", "2,2,1@0.5"}  # transformers systems have no step phases

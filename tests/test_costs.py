@@ -1,4 +1,4 @@
-"""Execution plans from measured costs, the probe and its cache, and quantized targets."""
+"""Execution plans from measured costs, the probe and its cache, weight forms, and quantized targets."""
 
 import math
 
@@ -8,7 +8,9 @@ import torch
 import minitree
 import minitree.costs as costs
 from minitree.costs import ROWS, Plan
-from minitree.quant import CopiedLinear, Int4Linear, Int8Linear, packs
+from minitree.forms import Int4Linear, Int8Linear
+from minitree.machine import packs
+from reference import causal, plain
 
 PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -18,18 +20,22 @@ def table(fn):
 
 
 # Shaped like the two CPU kinds (seconds of a forward's linear layers, per kernel setting):
-AVX512 = dict(onednn=table(lambda r: 0.21 if r == 1 else 0.16 + 0.0075 * r),  # one row is its slow case
+AVX512 = dict(native=table(lambda r: 0.21 if r == 1 else 0.16 + 0.0075 * r),  # one row is its slow case
               gemv=table(lambda r: 0.086 * r if r <= 16 else math.inf),
               int8=table(lambda r: 0.03 + 0.012 * r))
-AVX2 = dict(onednn=table(lambda r: 0.02 + 0.03 * r), gemv=table(lambda r: 0.02 + 0.03 * r if r <= 16 else math.inf))
+AVX2 = dict(native=table(lambda r: 0.02 + 0.03 * r), gemv=table(lambda r: 0.02 + 0.03 * r if r <= 16 else math.inf))
+
+
+def runner(model, plan, **kw):
+    return minitree.Runner(model, compile=False, plan=plan, **kw)
 
 
 def test_plan_on_an_avx512_like_machine():
     plan = Plan(AVX512)
-    assert plan.setting(1) == "int8" and plan.setting(64) == "onednn"
+    assert plan.setting(1) == "int8" and plan.setting(64) == "native"
     assert [plan.rows(n) for n in (1, 2, 3, 5, 11)] == [1, 2, 3, 5, 11]  # nothing is cheaper padded
     no_int8 = Plan({k: v for k, v in AVX512.items() if k != "int8"})
-    assert no_int8.setting(1) == "gemv" and no_int8.setting(3) == "onednn"
+    assert no_int8.setting(1) == "gemv" and no_int8.setting(3) == "native"
     assert no_int8.rows(1) == 1 and no_int8.chunks(100) == (128,) and no_int8.chunks(20) == (32,)
 
 
@@ -40,34 +46,35 @@ def test_plan_on_an_avx2_like_machine():
     assert plan.chunks(20) == (8, 8, 8) and plan.chunks(7) == (8,) and sum(plan.chunks(200)) < 256
 
 
-def test_weight_copies_serve_the_rows_where_they_pay(pair_dirs):
+def test_weight_copies_serve_the_rows_where_they_pay(pair, pair_dirs):
     """Packed copies (oneDNN's layout) where few rows are cheapest so, fp32 copies where many bf16
-    rows are dear (emulated, AVX2); the copies compute what the weights do, decoding stays exact.
-    (oneDNN packs bf16 weights only on CPUs with avx512bw or avx_ne_convert: elsewhere, fp32 only.)"""
+    rows are dear (emulated, AVX2); the copies compute what the weights do, decoding stays exact,
+    and the model itself is not changed. (oneDNN packs bf16 weights only on CPUs with avx512bw or
+    avx_ne_convert: elsewhere, fp32 only.)"""
     packs_bf16 = packs(torch.bfloat16)
     plan = Plan(AVX2 | dict(packed=table(lambda r: 0.04 + 0.02 * r), fp32=table(lambda r: 0.25 + 0.004 * r)))
-    assert [plan.setting(r) for r in (1, 3, 13, 14, 32)] == ["onednn", "packed", "packed", "fp32", "fp32"]
+    assert [plan.setting(r) for r in (1, 3, 13, 14, 32)] == ["native", "packed", "packed", "fp32", "fp32"]
     assert plan.chunks(200) == (128, 128)
     bf16 = minitree.load(pair_dirs[0], dtype=torch.bfloat16)
-    (plan if packs_bf16 else Plan(AVX2 | dict(fp32=plan.costs["fp32"]))).apply(bf16)
-    head = bf16.lm_head
-    assert isinstance(head, CopiedLinear) and isinstance(bf16.model.layers[0].mlp.down_proj, CopiedLinear)
-    assert head.rows == dict(packed=set(range(3, 14)), fp32=set(range(14, 129))) if packs_bf16 else \
-        dict(fp32=set(range(9, 129)))
+    run = runner(bf16, plan if packs_bf16 else Plan(AVX2 | dict(fp32=plan.costs["fp32"])))
+    head = run.model.lm_head
+    assert isinstance(bf16.lm_head, torch.nn.Linear) and isinstance(run.model.model.layers[0].mlp.down_proj.source,
+                                                                    torch.nn.Linear)
+    expected = dict.fromkeys(range(3, 14), "packed") | dict.fromkeys(range(14, 129), "fp32") if packs_bf16 else \
+        dict.fromkeys(range(9, 129), "fp32")
+    assert head.form_of == expected
     assert head.weight32.is_mkldnn == packs(torch.float32)  # fp32 copies packed where oneDNN packs fp32
+    assert run.memory()["copies"] > run.memory()["weights"] // 2
     for rows in (5, 20):  # packed, fp32
         x = torch.randn(1, rows, head.in_features, dtype=torch.bfloat16)
-        torch.testing.assert_close(head(x), torch.nn.functional.linear(x.float(), head.weight.float()).bfloat16())
-    ref = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, attention="sdpa").generate(PROMPT, 40).tokens
-    target, draft = minitree.load(pair_dirs[0]), minitree.load(pair_dirs[1])
-    engine = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256)
-    for m in (target, draft):
-        plan.apply(m)  # fp32 models: the copies hold the weights themselves (summed in oneDNN's order)
-    assert engine.generate(PROMPT, 40).tokens == ref
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x.float(), head.source.weight.float()).bfloat16())
+    target, draft = pair  # fp32 models: the copies hold the weights themselves (summed in oneDNN's order)
+    engine = minitree.Engine(runner(target, plan), runner(draft, plan), "2,2,1", max_seq_len=256)
+    assert engine.generate(PROMPT, 40).tokens == plain(target, PROMPT, 40)
 
 
 def test_padding_where_more_rows_are_cheaper():
-    plan = Plan(dict(onednn=table(lambda r: {1: 0.3, 2: 0.29, 3: 0.28}.get(r, 0.2 + 0.001 * r))))
+    plan = Plan(dict(native=table(lambda r: {1: 0.3, 2: 0.29, 3: 0.28}.get(r, 0.2 + 0.001 * r))))
     assert [plan.rows(n) for n in (1, 2, 3, 4, 5)] == [4, 4, 4, 4, 5]
     assert plan.cost(1) == pytest.approx(0.204)
 
@@ -79,50 +86,52 @@ def test_exact_and_unmeasured_plans():
 
 def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(costs, "CACHE", tmp_path / "costs.json")
-    draft = minitree.quantize_int8(minitree.load(pair_dirs[1], dtype=torch.bfloat16))
-    measured = costs.cached_probe(draft, "tiny draft")
-    assert set(measured) == {"onednn", "gemv", "fp32", "int8"} | ({"packed"} if packs(torch.bfloat16) else set())
-    assert all(0 < t < 1 for t in measured["onednn"]) and math.isinf(measured["gemv"][-1])
+    draft = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), Plan(), lossy=True).model
+    measured = costs.cached_probe(draft, "tiny draft", lossy=True)
+    assert set(measured) == {"native", "gemv", "fp32", "int8", "int4"} | ({"packed"} if packs(torch.bfloat16) else set())
+    assert all(0 < t < 1 for t in measured["native"]) and math.isinf(measured["gemv"][-1])
     monkeypatch.setattr(costs, "probe", lambda *a, **k: pytest.fail("measured twice"))
-    assert costs.cached_probe(draft) == measured
-    plan = Plan.measured(draft)
-    plan.apply(draft)
-    assert draft.lm_head.rows.get("int8", set()) == {r for r in range(1, 129) if plan.setting(r) == "int8"}
-    target = minitree.load(pair_dirs[0], dtype=torch.bfloat16)  # another model: another key
-    monkeypatch.setattr(costs, "probe", lambda *a, **k: {"onednn": [1.0] * len(ROWS)})
-    assert costs.cached_probe(target) == {"onednn": [1.0] * len(ROWS)}
+    assert costs.cached_probe(draft, lossy=True) == measured
+    measured_run = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), "measure", lossy=True)
+    plan, head = measured_run.plan, measured_run.model.lm_head
+    for form in ("int8", "int4"):
+        assert {r for r, f in head.form_of.items() if f == form} == {r for r in range(1, 129) if plan.setting(r) == form}
+    target = runner(minitree.load(pair_dirs[0], dtype=torch.bfloat16), Plan()).model  # another model: another key
+    monkeypatch.setattr(costs, "probe", lambda *a, **k: {"native": [1.0] * len(ROWS)})
+    assert costs.cached_probe(target) == {"native": [1.0] * len(ROWS)}
 
 
-@pytest.mark.parametrize("plan", [Plan.exact(), Plan(AVX512), Plan(dict(onednn=table(lambda r: 1 / r)))],
+@pytest.mark.parametrize("plan", [Plan.exact(), Plan(AVX512), Plan(dict(native=table(lambda r: 1 / r)))],
                          ids=["exact", "avx512-like", "pads-everything"])
 def test_decoding_is_exact_whatever_the_plan(pair, plan):
     """Plans pad forwards, pick kernels and cut prompts differently; fp32 output stays the same."""
     target, draft = pair
-    ref = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256).generate(PROMPT, 40).tokens
-    engine = minitree.Engine(target, draft, "dynamic:depth=4,width=2,k=2,nodes=6", compile=False, max_seq_len=256)
-    for m in (target, draft):
-        plan.apply(m)
-    try:
-        assert engine.generate(PROMPT, 40).tokens == ref
-    finally:
-        for m in (target, draft):
-            Plan().apply(m)
+    engine = minitree.Engine(runner(target, plan), runner(draft, plan, lossy=False),
+                             "dynamic:depth=4,width=2,k=2,nodes=6", max_seq_len=256)
+    assert engine.generate(PROMPT, 40).tokens == plain(target, PROMPT, 40)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_target_is_decoded_losslessly(pair_dirs, kind):
-    """A quantized target is another model: tree decoding reproduces its own plain decoding."""
+    """A quantized target is another model: tree decoding reproduces its own plain decoding, also
+    when the plan serves many-row forwards from a dequantized copy of its weights; its logits stay
+    close to the float model's."""
+    float_target = minitree.load(pair_dirs[0])
     target = minitree.quantize(minitree.load(pair_dirs[0]), kind)
     draft = minitree.load(pair_dirs[1])
     cls = Int8Linear if kind == "int8" else Int4Linear
     assert isinstance(target.lm_head, cls) and isinstance(target.model.layers[0].mlp.down_proj, cls)
     assert getattr(target.lm_head, "weight", None) is None  # the float weights are gone
-    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256).generate(PROMPT, 40).tokens
-    tree = minitree.Engine(target, draft, "2,2,1", compile=False, attention="flex", max_seq_len=256)
-    result = tree.generate(PROMPT, 40)
-    assert result.tokens == plain and result.stats.tau > 1.2
-    reference = minitree.Engine(minitree.load(pair_dirs[0]), compile=False, max_seq_len=256).generate(PROMPT, 40)
-    print(f"{kind}: {sum(a == b for a, b in zip(plain, reference.tokens))}/40 tokens as the float target's")
+    reference = plain(target, PROMPT, 40, max_seq_len=256)
+    result = minitree.Engine(target, draft, "2,2,1", compile=False, attention="flex", max_seq_len=256).generate(PROMPT, 40)
+    assert result.tokens == reference and result.stats.tau > 1.2
+    float_copy = Plan(dict(native=table(lambda r: 1.0), float=table(lambda r: 2.0 if r < 4 else 0.5)))
+    engine = minitree.Engine(runner(target, float_copy), draft, "2,2,1", compile=False, max_seq_len=256)
+    assert engine.target.model.lm_head.form_of == dict.fromkeys(range(4, 129), "float")  # verify: 11 rows
+    assert engine.generate(PROMPT, 40).tokens == reference
+    ids = torch.tensor(PROMPT)
+    ours, ref = causal(target)(ids), causal(float_target)(ids)
+    assert (ours - ref).norm() / ref.norm() < (0.03 if kind == "int8" else 0.3)  # measured: 0.009, 0.11
 
 
 def test_quantize_rejects_unknown_kinds(pair):

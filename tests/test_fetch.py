@@ -8,8 +8,8 @@ import torch
 
 import minitree
 import minitree.fetch as fetch_mod
-from minitree.attention import TreeMask
 from minitree.fetch import FetchError, Source, fetch, join_parts
+from reference import causal
 from tiny import fake_wheels, save_random, write_gguf
 
 
@@ -22,9 +22,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def logits(model, n=24):
-    model.setup_cache(128)
-    ids = torch.arange(n)
-    return model(ids, ids, ids, TreeMask.causal(n, "cpu", flex=False))
+    return causal(model)(torch.arange(n))
 
 
 def test_gguf_round_trip(tiny_gguf):

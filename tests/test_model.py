@@ -11,31 +11,24 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import minitree
-from minitree.attention import TreeMask
+from reference import causal
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def causal(model, ids, start, flex=False):
-    """Our model's logits for ids at slots start.. (the cache holds everything before)."""
-    slots = torch.arange(start, start + len(ids))
-    return model(ids, slots, slots, TreeMask.causal(len(ids), "cpu", flex))
 
 
 @pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family_dirs, family, flex):
     hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
-    model = minitree.load(family_dirs[family])
-    model.setup_cache(256)
+    forward = causal(minitree.load(family_dirs[family]), flex)
     ids = torch.randint(0, hf.config.vocab_size, (40 + 16,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
-        ours = causal(model, ids[:40], 0, flex)  # prefill of 40 tokens
-        assert (ours - ref[:40]).abs().max() <= 1e-4
-        for t in range(40, 56):  # 16 cached decode steps, one token each
-            step = causal(model, ids[t:t + 1], t, flex)
-            assert (step[0] - ref[t]).abs().max() <= 1e-4, f"decode step {t}"
+    ours = forward(ids[:40])  # prefill of 40 tokens
+    assert (ours - ref[:40]).abs().max() <= 1e-4
+    for t in range(40, 56):  # 16 cached decode steps, one token each
+        step = forward(ids[t:t + 1], t)
+        assert (step[0] - ref[t]).abs().max() <= 1e-4, f"decode step {t}"
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +61,10 @@ def test_plain_decode_never_recompiles(plain_engines):
 def test_compiled_code_is_cached_per_vector_width(family_dirs):
     """Inductor writes CPU code for the SIMD width ATEN_CPU_CAPABILITY picks, but its on-disk cache
     key leaves the width out: code cached under AVX2 emulation was compiled for AVX-512 later and
-    decoded wrong tokens. compile_layers names the width in Inductor's config, which is in the key."""
+    decoded wrong tokens. A compiling runner names the width in Inductor's config, which is in the key."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     script = ("import sys, minitree; from torch._inductor import config; "
-              "minitree.load(sys.argv[1]).compile_layers(); print(config.cpp.simdlen)")
+              "minitree.Runner(minitree.load(sys.argv[1]), plan='none'); print(config.cpp.simdlen)")
 
     def width(**env) -> str:
         run = subprocess.run([sys.executable, "-c", script, str(family_dirs["llama"])], env=os.environ | env,
@@ -154,8 +147,7 @@ def test_sharded_checkpoint(family_dirs, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(family_dirs["qwen3"])
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    model = minitree.load(tmp_path / "sharded")
-    model.setup_cache(128)
     ids = torch.arange(20)
     with torch.no_grad():
-        assert (causal(model, ids, 0) - hf(ids[None]).logits[0]).abs().max() <= 1e-4
+        ref = hf(ids[None]).logits[0]
+    assert (causal(minitree.load(tmp_path / "sharded"))(ids) - ref).abs().max() <= 1e-4

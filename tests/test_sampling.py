@@ -17,8 +17,8 @@ from scipy.stats import chi2
 import minitree
 import minitree.accept
 import minitree.engine
-from minitree.attention import TreeMask
 from minitree.sampling import probs
+from reference import causal
 from tiny import save_random
 
 V = 32  # the vocabulary of conftest.markov_pair
@@ -30,10 +30,7 @@ T07 = minitree.Sampling(temperature=0.7, top_p=0.9)
 
 
 def transition_matrix(model, sampling):
-    model.setup_cache(128)
-    ids = torch.arange(V)
-    with torch.no_grad():
-        logits = model(ids, ids, ids, TreeMask.causal(V, "cpu", flex=False))  # no layers: no attention
+    logits = causal(model)(torch.arange(V))  # no layers: no attention, each row depends on its token only
     return probs(logits, sampling).double()  # [V, V]: p(b | a)
 
 

@@ -7,8 +7,10 @@ import minitree
 from minitree.attention import BLOCK, block_mask, dense_mask
 from minitree.costs import ROWS, Plan
 from minitree.draft import draft_tree
-from minitree.quant import CopiedLinear
+from minitree.forms import FormLinear
 from minitree.tree import MAX_NODES
+from minitree.verify import verify
+from reference import plain
 
 PATH_LIST = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]"
 DYNAMIC = ["dynamic", "dynamic:depth=3,width=4,k=3,nodes=12", "dynamic:depth=5,width=1,k=2,nodes=6"]
@@ -120,8 +122,8 @@ def test_dynamic_tree_verifies_the_most_confident_nodes(pair, spec):
         return real_select(tokens, conf, parent, row)
 
     engine.tree.select = select
-    tree, _, _ = draft_tree(engine.runs[1], engine.tree, engine.seq, engine.L, minitree.Sampling(), False,
-                                      None)
+    tree, _, _ = draft_tree(engine.draft, engine.tree, engine.seq.tokens, engine.seq.n, minitree.Sampling(), False,
+                            None)
     drafted = captured["conf"][1:]
     assert torch.equal(tree.conf[1:].sort(descending=True).values, drafted.sort(descending=True).values[:tree.conf.numel() - 1])
 
@@ -164,19 +166,16 @@ def test_tree_attention_equals_per_path_attention(pair, attention, base):
     tokens = torch.randint(0, 256, (tree.n,), generator=g)
     tokens[0] = prefix[-1]
     engine.prefill(prefix)
-    from minitree.verify import verify
     step = tree.step._replace(tokens=tokens)
-    logits = verify(engine.runs[0], step, torch.tensor(base))
+    logits = verify(engine.target, step, torch.tensor(base))
     for i in range(tree.n):
         path = tokens[step.paths[i][: int(tree.depth[i]) + 1]].tolist()
         seq = prefix[:-1] + path
         ref = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256)
         ref.prefill(seq)  # caches seq[:-1]; then one plain step on seq[-1]
-        ref_logits = verify(ref.runs[0], ref.tree.step._replace(tokens=torch.tensor(seq[-1:])),
+        ref_logits = verify(ref.target, ref.tree.step._replace(tokens=torch.tensor(seq[-1:])),
                             torch.tensor(len(seq) - 1))
         assert (logits[i] - ref_logits[0]).abs().max() < 1e-4, f"node {i}"
-        engine.prefill(prefix)  # restore our cache (the reference engine shares the model)
-        logits = verify(engine.runs[0], step, torch.tensor(base))
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,7 +186,7 @@ PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3
 
 @pytest.fixture(scope="module")
 def plain_tokens(pair):
-    return minitree.Engine(pair[0], compile=False, attention="sdpa", max_seq_len=512).generate(PROMPT, 72).tokens
+    return plain(pair[0], PROMPT, 72)
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +234,12 @@ def test_compaction_leaves_the_plain_cache(pair):
     target, draft = pair
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
     out = engine.generate(PROMPT, 50).tokens
-    L = int(engine.L)
-    committed = engine.seq[:L].tolist()
+    L = engine.seq.length
+    committed = engine.seq.tokens[:L].tolist()
     assert committed == PROMPT + out[: L - len(PROMPT)]
-    tree_cache = target.kv_cache[:, :, :, :, : L - 1].clone()
-    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=512)
-    plain.prefill(committed)
-    assert (target.kv_cache[:, :, :, :, : L - 1] - tree_cache).abs().max() <= 1e-5
+    ref = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=512)
+    ref.prefill(committed)
+    assert (ref.target.kv_cache[:, :, :, :, : L - 1] - engine.target.kv_cache[:, :, :, :, : L - 1]).abs().max() <= 1e-5
 
 
 def test_eos_inside_accepted_path_stops_there(pair, plain_tokens):
@@ -263,14 +261,13 @@ def test_draft_vocab_mismatch(pair, tmp_path):
 @pytest.mark.parametrize("spec", ["2,2,1", "dynamic:depth=4,width=2,k=2,nodes=10"])
 def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens, spec):
     """With the static tree, forwards of several rows run on weights packed in oneDNN's layout
-    (quant.CopiedLinear: an op of its own inside the compiled layers)."""
+    (forms.FormLinear: an op of its own inside the compiled layers)."""
     target, draft = pair
-    engine = minitree.Engine(target, draft, spec, max_seq_len=512)
     if spec == "2,2,1":
-        packed = Plan(dict(onednn=[1.0] * len(ROWS), packed=[2.0] + [0.5] * (len(ROWS) - 1)))
-        for m in (target, draft):
-            packed.apply(m)
-        assert target.lm_head.rows == dict(packed=set(range(2, 129)))
+        packed = Plan(dict(native=[1.0] * len(ROWS), packed=[2.0] + [0.5] * (len(ROWS) - 1)))
+        target, draft = (minitree.Runner(m, plan=packed) for m in pair)
+        assert target.model.lm_head.form_of == dict.fromkeys(range(2, 129), "packed")
+    engine = minitree.Engine(target, draft, spec, max_seq_len=512)
     try:
         engine.warm_up()
         assert engine.generate(PROMPT, 72).tokens == plain_tokens
@@ -278,16 +275,17 @@ def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens, spec):
         result = engine.generate(PROMPT[:90], 200)
     finally:
         torch._dynamo.config.error_on_recompile = False
-        for m in (target, draft):
-            Plan().apply(m)  # the session's models, as the other tests expect them
     assert result.stats.target_forwards >= 20 and len(result.tokens) == 200  # 90 -> 290: crosses 2 blocks
 
 
 def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     """An int8 draft with a restricted vocabulary proposes differently; the output is unchanged."""
     target = minitree.load(pair_dirs[0])
-    draft = minitree.quantize_int8(minitree.restrict_vocab(minitree.load(pair_dirs[1]), 128))
-    assert isinstance(draft.lm_head, CopiedLinear) and draft.lm_head.qweight.shape[0] == 128
+    int8_few_rows = Plan(dict(native=[1.0] * len(ROWS), int8=[0.5 if r <= 4 else 2.0 for r in ROWS]))
+    draft = minitree.Runner(minitree.restrict_vocab(minitree.load(pair_dirs[1]), 128), compile=False,
+                            attention="sdpa", plan=int8_few_rows, lossy=True)
+    head = draft.model.lm_head
+    assert head.form_of == dict.fromkeys(range(1, 5), "int8") and head.qweight.shape[0] == 128
     engine = minitree.Engine(target, draft, "2,2,1", compile=False, attention="sdpa", max_seq_len=512)
     result = engine.generate(PROMPT, 72)
     assert result.tokens == plain_tokens
@@ -310,7 +308,8 @@ def test_early_stop_is_lossless(pair, plain_tokens, spec, cutoff):
 
 def test_int8_copy_serves_few_rows_only():
     linear = torch.nn.Linear(64, 32)
-    q = CopiedLinear(linear, {"int8": frozenset({1, 2, 3})})
+    q = FormLinear(linear)
+    q.serve({"int8": frozenset({1, 2, 3})})
     for rows in (1, 3):  # the int8 kernel: close to the float weights, not equal
         x = torch.randn(1, rows, 64)
         assert not torch.equal(q(x), linear(x)) and torch.allclose(q(x), linear(x), atol=0.02)
@@ -322,6 +321,5 @@ def test_int8_copy_serves_few_rows_only():
 def test_one_token_prompt(pair, spec):
     """The catch-up window of the first draft level has no previous token to recompute."""
     target, draft = pair
-    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=128).generate([17], 24).tokens
     tree = minitree.Engine(target, draft, spec, compile=False, attention="sdpa", max_seq_len=128)
-    assert tree.generate([17], 24).tokens == plain
+    assert tree.generate([17], 24).tokens == plain(target, [17], 24, max_seq_len=128)

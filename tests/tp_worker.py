@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import minitree
-from minitree.attention import TreeMask
+from reference import causal
 
 PROMPT = list(range(3, 40))
 
@@ -27,10 +27,7 @@ def main(scenario: str, out: Path, target_dir: str, draft_dir: str) -> int:
     if scenario == "die" and rank == 1:
         os._exit(3)
     result = {"world": world, "local_heads": target.model.layers[0].self_attn.n_heads}
-    target.setup_cache(128)
-    ids = torch.tensor(PROMPT)
-    with torch.inference_mode():
-        result["logits"] = target(ids, ids, ids, TreeMask.causal(len(ids), "cpu", flex=False)).tolist()
+    result["logits"] = causal(target)(torch.tensor(PROMPT)).tolist()
     for spec in ("2,2,1", "dynamic:depth=4,width=2,k=2,nodes=7"):
         engine = minitree.Engine(target, draft, spec, compile=False, max_seq_len=256)
         result[spec] = engine.generate(PROMPT, 40).tokens

@@ -1,0 +1,468 @@
+// Matrix products with weights held in GGUF's quantized block formats, read as the file stores
+// them: y[r, o] = sum_k x[r, k] * w[o, k]. Each weight is dequantized on the fly to fp32 (the
+// value the format defines, rounded once) and the products are accumulated in fp32. One pass
+// over the weights serves up to MAX_NR activation rows, so a forward of a few rows reads the
+// quantized weights once per MAX_NR rows. Output rows are split over torch's threads.
+//
+// Formats (ggml's; k-quants in super-blocks of 256 weights, the others in blocks of 32):
+//   Q4_0: fp16 d, 16 bytes of 4-bit q:                           w = d * (q - 8)
+//   Q5_0: fp16 d, 32 high bits, 16 bytes of low 4 bits:          w = d * (q - 16)
+//   Q8_0: fp16 d, 32 int8 q:                                     w = d * q
+//   Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit q:
+//         w = d * sc[j] * q - dmin * m[j], sub-blocks j of 32
+//   Q6_K: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, fp16 d:
+//         w = d * sc[j] * (q - 32), sub-blocks j of 16
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+
+// 16 fp32 lanes: one AVX-512 register, two AVX2 ones, or a plain array.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static constexpr int MAX_NR = 8;
+struct V { __m512 v; };
+static inline V vzero() { return {_mm512_setzero_ps()}; }
+static inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+static inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+static inline V vaffine(V q, float s, float t) { return {_mm512_fmadd_ps(q.v, _mm512_set1_ps(s), _mm512_set1_ps(t))}; }
+static inline float vsum(V a) { return _mm512_reduce_add_ps(a.v); }
+static inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a.v); }
+static inline V vu8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))}; }
+static inline V vi8(__m128i b) { return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))}; }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static constexpr int MAX_NR = 4;
+struct V { __m256 lo, hi; };
+static inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+static inline V vaffine(V q, float s, float t) {
+  const __m256 vs = _mm256_set1_ps(s), vt = _mm256_set1_ps(t);
+  return {_mm256_fmadd_ps(q.lo, vs, vt), _mm256_fmadd_ps(q.hi, vs, vt)};
+}
+static inline float vsum(V a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  return _mm_cvtss_f32(t);
+}
+static inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+static inline V vu8(__m128i b) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+static inline V vi8(__m128i b) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+#else
+#define PLAIN_LANES 1
+static constexpr int MAX_NR = 4;
+struct V { float v[16]; };
+static inline V vzero() { return V{}; }
+static inline V vload(const float* p) { V r; std::memcpy(r.v, p, 64); return r; }
+static inline V vfma(V a, V b, V c) { for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+static inline V vaffine(V q, float s, float t) { for (int i = 0; i < 16; ++i) q.v[i] = q.v[i] * s + t; return q; }
+static inline float vsum(V a) { float s = 0; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
+static inline void vstore(float* p, V a) { std::memcpy(p, a.v, 64); }
+#endif
+
+// 16 bytes for the bit twiddling (GCC vector extensions: SSE2 on x86, NEON elsewhere).
+typedef uint8_t B __attribute__((vector_size(16)));
+static inline B bload(const uint8_t* p) { B b; std::memcpy(&b, p, 16); return b; }
+#ifdef PLAIN_LANES
+static inline V vu8(B b) { V r; for (int i = 0; i < 16; ++i) r.v[i] = b[i]; return r; }
+static inline V vi8(B b) { V r; for (int i = 0; i < 16; ++i) r.v[i] = static_cast<int8_t>(b[i]); return r; }
+#else
+static inline V vu8(B b) { return vu8(reinterpret_cast<__m128i>(b)); }
+static inline V vi8(B b) { return vi8(reinterpret_cast<__m128i>(b)); }
+#endif
+
+static inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// byte i of SPREAD[v] is bit i of v, moved to bit 4 (Q5_0's fifth bit).
+struct Spread {
+  uint64_t t[256];
+  Spread() {
+    for (int v = 0; v < 256; ++v) {
+      t[v] = 0;
+      for (int i = 0; i < 8; ++i) t[v] |= static_cast<uint64_t>((v >> i) & 1) << (8 * i + 4);
+    }
+  }
+};
+static const Spread SPREAD;
+
+// A format: bytes and weights per block; `head(block)`: what its weights share (scales), decoded once
+// per block; `chunk(block, head, c, w)`: the c-th 64 weights (or the whole 32-weight block) as 4 (or
+// 2) vectors of 16 fp32 weights.
+enum Type { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+struct FQ4_K {
+  static constexpr int bytes = 144, weights = 256, chunk_weights = 64;
+  struct Head { float scale[8], low[8]; };
+  static inline Head head(const uint8_t* b) {
+    const float d = fp16(b), dmin = -fp16(b + 2);
+    const uint8_t* s = b + 4;
+    Head h;
+    for (int j = 0; j < 4; ++j) {
+      h.scale[j] = d * (s[j] & 63);
+      h.low[j] = dmin * (s[j + 4] & 63);
+      h.scale[j + 4] = d * ((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+      h.low[j + 4] = dmin * ((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+    return h;
+  }
+  static inline void chunk(const uint8_t* b, const Head& h, int c, V* w) {
+    const B q0 = bload(b + 16 + 32 * c), q1 = bload(b + 16 + 32 * c + 16);
+    const int lo = 2 * c, hi = 2 * c + 1;  // sub-block 2c: the low nibbles; 2c + 1: the high ones
+    w[0] = vaffine(vu8(B(q0 & 0xF)), h.scale[lo], h.low[lo]);
+    w[1] = vaffine(vu8(B(q1 & 0xF)), h.scale[lo], h.low[lo]);
+    w[2] = vaffine(vu8(B(q0 >> 4)), h.scale[hi], h.low[hi]);
+    w[3] = vaffine(vu8(B(q1 >> 4)), h.scale[hi], h.low[hi]);
+  }
+};
+
+struct FQ6_K {
+  static constexpr int bytes = 210, weights = 256, chunk_weights = 64;
+  struct Head { float scale[16]; };
+  static inline Head head(const uint8_t* b) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = fp16(b + 208);
+    Head h;
+    for (int j = 0; j < 16; ++j) h.scale[j] = d * sc[j];
+    return h;
+  }
+  static inline void chunk(const uint8_t* b, const Head& h, int c, V* w) {
+    const int half = c / 2, g = c % 2;  // half of 128 weights; g: its low (0) or high (1) 64
+    for (int v = 0; v < 4; ++v) {  // weights 128 half + 64 g + 16 v .. + 15
+      const B lo = bload(b + 64 * half + 16 * v), hi = bload(b + 128 + 32 * half + 16 * (v % 2));
+      const int shift = 2 * (2 * g + v / 2);
+      const B q = (g ? B(lo >> 4) : B(lo & 0xF)) | B(((hi >> shift) & 3) << 4);
+      const float scale = h.scale[8 * half + 4 * g + v];
+      w[v] = vaffine(vu8(q), scale, -32.0f * scale);
+    }
+  }
+};
+
+struct FQ8_0 {
+  static constexpr int bytes = 34, weights = 32, chunk_weights = 32;
+  struct Head { float d; };
+  static inline Head head(const uint8_t* b) { return {fp16(b)}; }
+  static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
+    w[0] = vaffine(vi8(bload(b + 2)), h.d, 0.0f);
+    w[1] = vaffine(vi8(bload(b + 18)), h.d, 0.0f);
+  }
+};
+
+struct FQ5_0 {
+  static constexpr int bytes = 22, weights = 32, chunk_weights = 32;
+  struct Head { float d; };
+  static inline Head head(const uint8_t* b) { return {fp16(b)}; }
+  static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
+    uint64_t high[4];
+    for (int i = 0; i < 4; ++i) high[i] = SPREAD.t[b[2 + i]];
+    B h0, h1;
+    std::memcpy(&h0, high, 16);
+    std::memcpy(&h1, high + 2, 16);
+    const B qs = bload(b + 6);
+    w[0] = vaffine(vu8(B(qs & 0xF) | h0), h.d, -16.0f * h.d);
+    w[1] = vaffine(vu8(B(qs >> 4) | h1), h.d, -16.0f * h.d);
+  }
+};
+
+struct FQ4_0 {
+  static constexpr int bytes = 18, weights = 32, chunk_weights = 32;
+  struct Head { float d; };
+  static inline Head head(const uint8_t* b) { return {fp16(b)}; }
+  static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
+    const B qs = bload(b + 2);
+    w[0] = vaffine(vu8(B(qs & 0xF)), h.d, -8.0f * h.d);
+    w[1] = vaffine(vu8(B(qs >> 4)), h.d, -8.0f * h.d);
+  }
+};
+
+// Output columns o0..o1 for NR activation rows x (fp32, row stride K): each chunk of weights is
+// dequantized once and multiplied into every row. ACC independent sums per row keep the FMA
+// units busy (one sum per row would wait on its own latency).
+template <class F, int NR>
+static void columns(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, float* y, int64_t ldy,
+                    int64_t o0, int64_t o1) {
+  constexpr int CV = F::chunk_weights / 16, CHUNKS = F::weights / F::chunk_weights;
+  constexpr int ACC = NR == 1 ? 4 : NR == 2 ? 2 : 1;
+  const int64_t blocks = K / F::weights;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* b = w + o * row_bytes;
+    V acc[NR][ACC];
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < ACC; ++a) acc[r][a] = vzero();
+    for (int64_t i = 0; i < blocks; ++i, b += F::bytes) {
+      const typename F::Head h = F::head(b);
+      for (int c = 0; c < CHUNKS; ++c) {
+        V wv[CV];
+        F::chunk(b, h, c, wv);
+        const float* xc = x + i * F::weights + c * F::chunk_weights;
+        for (int r = 0; r < NR; ++r)
+          for (int v = 0; v < CV; ++v) acc[r][v % ACC] = vfma(vload(xc + r * K + 16 * v), wv[v], acc[r][v % ACC]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      float total = 0;
+      for (int a = 0; a < ACC; ++a) total += vsum(acc[r][a]);
+      y[r * ldy + o] = total;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 activations on a CPU with AVX512_BF16: weights are decoded to bf16 integers through a
+// table (exact: |q| < 256), multiplied with the bf16 activations 32 pairs per instruction into fp32
+// (vdpbf16ps: exact products, fp32 sums), and each sub-block's sum scaled in fp32. The weights
+// are the same values as above; only the summation order differs. Q4_K's mins multiply the
+// activations' sums over each 32-column group (xs, fp32).
+#define BF16_PATH 1
+
+static inline __m512i table(int offset) {  // bf16 words of offset, offset + 1, ..., offset + 31
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = c10::BFloat16(static_cast<float>(offset + i)).x;
+  return _mm512_load_si512(t);
+}
+
+static inline __m512i words(const uint8_t* p) {  // 32 bytes -> 32 16-bit lanes
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+static inline __m512 dot(__m512i x, __m512i w) {  // 16 fp32 sums of 2 products each
+  return _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
+}
+
+// Q4_K's 8 scales and 8 mins of a block as fp32 vectors: d * sc[j], -dmin * m[j] (ggml's unpacking).
+static inline void q4_k_head(const uint8_t* b, __m256& scale, __m256& low) {
+  uint32_t u[4];
+  std::memcpy(u, b + 4, 12);
+  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_low = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_low;
+  u[0] &= m1;  // bytes of u[0..1]: the 8 scales; of u[2..3]: the 8 mins
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(fp16(b)));
+  low = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), _mm256_set1_ps(-fp16(b + 2)));
+}
+
+// Sums per row: A independent ones, so that the FMA units are not waiting on one sum's latency.
+template <int NR>
+static constexpr int ACCS = NR >= 4 ? 1 : 4 / NR;
+
+template <int NR>
+static inline void bf16_q4_k(const uint8_t* b, const uint16_t* x, int64_t K, const float* xs, int64_t ldxs,
+                             const __m512i& lut, __m512* acc, __m256* shift) {  // lut: 0..31
+  constexpr int A = ACCS<NR>;
+  __m256 scale, low;
+  q4_k_head(b, scale, low);
+  alignas(32) float sc[8];
+  _mm256_store_ps(sc, scale);
+  for (int r = 0; r < NR; ++r) shift[r] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xs + r * ldxs), shift[r]);
+  const __m512i nib = _mm512_set1_epi16(0xF);
+  for (int c = 0; c < 4; ++c) {  // 64 weights: sub-block 2c (low nibbles), 2c + 1 (high nibbles)
+    const __m512i q = words(b + 16 + 32 * c);
+    const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(q, nib), lut);
+    const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), lut);
+    const __m512 s_lo = _mm512_set1_ps(sc[2 * c]), s_hi = _mm512_set1_ps(sc[2 * c + 1]);
+    for (int r = 0; r < NR; ++r) {
+      const uint16_t* xr = x + r * K + 64 * c;
+      __m512& a = acc[r * A + c % A];
+      a = _mm512_fmadd_ps(dot(_mm512_loadu_si512(xr), lo), s_lo, a);
+      a = _mm512_fmadd_ps(dot(_mm512_loadu_si512(xr + 32), hi), s_hi, a);
+    }
+  }
+}
+
+template <int NR>
+static inline void bf16_q6_k(const uint8_t* b, const uint16_t* x, int64_t K, const __m512i& lut,
+                             const __m512i& lut_high, __m512* acc) {
+  constexpr int A = ACCS<NR>;
+  const FQ6_K::Head h = FQ6_K::head(b);
+  const __m512 scales = _mm512_loadu_ps(h.scale);
+  const __m512i nib = _mm512_set1_epi16(0xF), two = _mm512_set1_epi16(0x30);
+  for (int half = 0; half < 2; ++half) {
+    const __m512i qh = words(b + 128 + 32 * half);
+    for (int g = 0; g < 2; ++g) {
+      for (int s2 = 0; s2 < 2; ++s2) {  // 32 weights: 128 half + 64 g + 32 s2 .. + 31
+        const __m512i ql = words(b + 64 * half + 32 * s2);
+        const __m512i low4 = g ? _mm512_srli_epi16(ql, 4) : _mm512_and_si512(ql, nib);
+        const int shift = 2 * (2 * g + s2);  // the 2 high bits sit at `shift` in qh; we want them at 4
+        const __m512i high2 = shift <= 4 ? _mm512_slli_epi16(qh, 4 - shift) : _mm512_srli_epi16(qh, shift - 4);
+        const __m512i idx = _mm512_ternarylogic_epi32(low4, high2, two, 0xF8);  // low4 | (high2 & 0x30)
+        const __m512i w = _mm512_permutex2var_epi16(lut, idx, lut_high);  // q - 32
+        const int j = 8 * half + 4 * g + 2 * s2;  // sub-blocks j (lanes 0-7) and j + 1 (lanes 8-15)
+        const __m512 sv = _mm512_permutexvar_ps(
+            _mm512_set_epi32(j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j, j, j, j, j, j, j, j), scales);
+        for (int r = 0; r < NR; ++r) {
+          __m512& a = acc[r * A + (2 * g + s2) % A];
+          a = _mm512_fmadd_ps(dot(_mm512_loadu_si512(x + r * K + 128 * half + 64 * g + 32 * s2), w), sv, a);
+        }
+      }
+    }
+  }
+}
+
+// Output columns o0..o1 for NR bf16 activation rows (row stride K).
+template <int NR, bool Q4K>
+static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x, int64_t K, const float* xs,
+                         float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  constexpr int A = ACCS<NR>;
+  const __m512i lut = Q4K ? table(0) : table(-32), lut_high = table(0);
+  const int64_t blocks = K / 256, ldxs = K / 32;
+  const int bytes = Q4K ? FQ4_K::bytes : FQ6_K::bytes;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* b = w + o * row_bytes;
+    __m512 acc[NR * A];
+    __m256 shift[NR];
+    for (int r = 0; r < NR; ++r) {
+      shift[r] = _mm256_setzero_ps();
+      for (int a = 0; a < A; ++a) acc[r * A + a] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < blocks; ++i, b += bytes) {
+      if constexpr (Q4K) bf16_q4_k<NR>(b, x + 256 * i, K, xs + 8 * i, ldxs, lut, acc, shift);
+      else bf16_q6_k<NR>(b, x + 256 * i, K, lut, lut_high, acc);
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m512 sum = acc[r * A];
+      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r * A + a]);
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(shift[r]), _mm256_extractf128_ps(shift[r], 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      y[r * ldy + o] = _mm512_reduce_add_ps(sum) + _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    }
+  }
+}
+
+template <bool Q4K, int NR = MAX_NR>
+static void columns_bf16_for(int nr, const uint8_t* w, int64_t row_bytes, const uint16_t* x, int64_t K,
+                             const float* xs, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return columns_bf16_for<Q4K, NR - 1>(nr, w, row_bytes, x, K, xs, y, ldy, o0, o1);
+  }
+  columns_bf16<NR, Q4K>(w, row_bytes, x, K, xs, y, ldy, o0, o1);
+}
+
+template <bool Q4K>
+static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t R = x.size(0), K = x.size(1), O = w.size(0);
+  const int bytes = Q4K ? FQ4_K::bytes : FQ6_K::bytes;
+  TORCH_CHECK(K % 256 == 0 && w.size(1) == K / 256 * bytes, "gguf mm: ", K, " input features do not match ",
+              w.size(1), " bytes per weight row");
+  const auto xc = x.contiguous();
+  const auto xs = Q4K ? xc.view({R, K / 32, 32}).sum(-1, false, torch::kFloat) : torch::empty({0}, torch::kFloat);
+  const auto wc = w.contiguous();
+  auto y = torch::empty({R, O}, x.options().dtype(torch::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const float* xsp = xs.data_ptr<float>();
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t r = 0; r < R; r += MAX_NR) {
+      const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, R - r));
+      columns_bf16_for<Q4K>(nr, wp, w.size(1), xp + r * K, K, xsp + r * (K / 32), yp + r * O, O, o0, o1);
+    }
+  });
+  return y.to(x.scalar_type());
+}
+#endif
+
+template <class F, int NR = MAX_NR>
+static void columns_for(int nr, const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, float* y,
+                        int64_t ldy, int64_t o0, int64_t o1) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return columns_for<F, NR - 1>(nr, w, row_bytes, x, K, y, ldy, o0, o1);
+  }
+  columns<F, NR>(w, row_bytes, x, K, y, ldy, o0, o1);
+}
+
+template <class F>
+static torch::Tensor mm(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t R = x.size(0), K = x.size(1), O = w.size(0);
+  TORCH_CHECK(K % F::weights == 0 && w.size(1) == K / F::weights * F::bytes, "gguf mm: ", K,
+              " input features do not match ", w.size(1), " bytes per weight row");
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const auto wc = w.contiguous();
+  auto y = torch::empty({R, O}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t r = 0; r < R; r += MAX_NR) {
+      const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, R - r));
+      columns_for<F>(nr, wp, w.size(1), xp + r * K, K, yp + r * O, O, o0, o1);
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+template <class F>
+static torch::Tensor dequantize(const torch::Tensor& w, int64_t K) {
+  constexpr int CV = F::chunk_weights / 16, CHUNKS = F::weights / F::chunk_weights;
+  const int64_t O = w.size(0), blocks = K / F::weights;
+  TORCH_CHECK(K % F::weights == 0 && w.size(1) == blocks * F::bytes, "gguf dequantize: ", K,
+              " input features do not match ", w.size(1), " bytes per weight row");
+  const auto wc = w.contiguous();
+  auto y = torch::empty({O, K}, torch::kFloat);
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint8_t* b = wp + o * w.size(1);
+      float* out = yp + o * K;
+      for (int64_t i = 0; i < blocks; ++i, b += F::bytes)
+        for (int c = 0; c < CHUNKS; ++c) {
+          V wv[CV];
+          F::chunk(b, F::head(b), c, wv);
+          for (int v = 0; v < CV; ++v) vstore(out + i * F::weights + c * F::chunk_weights + 16 * v, wv[v]);
+        }
+    }
+  });
+  return y;
+}
+
+// w [O, bytes per row] uint8 of GGUF type `type`, K weights per row -> [O, K] fp32: the values mm uses.
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "gguf dequantize: w [O, bytes] uint8");
+  switch (type) {
+    case Q4_0: return dequantize<FQ4_0>(w, K);
+    case Q5_0: return dequantize<FQ5_0>(w, K);
+    case Q8_0: return dequantize<FQ8_0>(w, K);
+    case Q4_K: return dequantize<FQ4_K>(w, K);
+    case Q6_K: return dequantize<FQ6_K>(w, K);
+  }
+  TORCH_CHECK(false, "gguf dequantize: no kernel for GGUF type ", type);
+}
+
+// x [R, K] (float, bfloat16 or half), w [O, bytes per row] uint8 of GGUF type `type` -> [R, O] in x's dtype.
+torch::Tensor gguf_mm(torch::Tensor x, torch::Tensor w, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == torch::kUInt8, "gguf mm: x [R, K], w [O, bytes] uint8");
+#ifdef BF16_PATH
+  if (x.scalar_type() == torch::kBFloat16 && (type == Q4_K || type == Q6_K))
+    return type == Q4_K ? mm_bf16<true>(x, w) : mm_bf16<false>(x, w);
+#endif
+  switch (type) {
+    case Q4_0: return mm<FQ4_0>(x, w);
+    case Q5_0: return mm<FQ5_0>(x, w);
+    case Q8_0: return mm<FQ8_0>(x, w);
+    case Q4_K: return mm<FQ4_K>(x, w);
+    case Q6_K: return mm<FQ6_K>(x, w);
+  }
+  TORCH_CHECK(false, "gguf mm: no kernel for GGUF type ", type);
+}
+
+TORCH_LIBRARY(minitree_gguf, m) {
+  m.def("mm(Tensor x, Tensor w, int type) -> Tensor");
+  m.def("dequantize(Tensor w, int type, int K) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minitree_gguf, CPU, m) {
+  m.impl("mm", &gguf_mm);
+  m.impl("dequantize", &gguf_dequantize);
+}

@@ -1,0 +1,157 @@
+"""GGUF files loaded with their quantized weights kept: linear layers run on the file's own blocks.
+
+`load_gguf` reads a GGUF file (llama.cpp's format) into a Transformer whose linear layers are
+`GGUFLinear`: each holds its weight rows exactly as the file stores them and multiplies them with
+minitree's CPU kernel (csrc/gguf.cpp, built once on first use with the machine's C++ compiler),
+which dequantizes every weight to the value its format defines, in fp32, and accumulates in fp32.
+So for every supported type the weights are the file's, exactly; only the summation order and
+the rounding of the output to the activations' dtype differ from another kernel's.
+
+Supported quantized types: Q4_0, Q5_0, Q8_0, Q4_K, Q6_K (what the default pair's files hold);
+float tensors (F32, F16, BF16) load as float weights. A linear layer of another type is refused
+with one line naming the tensor and its type (`dequantize=True` loads any type transformers reads,
+as float weights). The token embedding is dequantized once to the activations' dtype.
+
+Runners may serve some row counts from a dequantized copy instead (forms.py: "float", "packed",
+"gemv"; bf16 rounds the weights to 8 significant bits) where the plan measured that cheaper.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import from_hf_config
+from .errors import LoadError
+from .forms import QuantLinear
+from .machine import machine
+
+SUPPORTED = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
+FLOATS = ("F32", "F16", "BF16")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+PERMUTED = ("llama", "mistral")  # llama.cpp stores these q/k rows permuted for its interleaved RoPE
+LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+CSRC = Path(__file__).resolve().parent / "csrc" / "gguf.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    """torch.ops.minitree_gguf, built on first use for this machine's instruction set (cached by
+    torch in ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
+    from torch.utils import cpp_extension
+    isa = hashlib.sha1(" ".join(machine()["isa"]).encode()).hexdigest()[:8]
+    print("building minitree's GGUF kernels for this CPU (once, about a minute)", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name=f"minitree_gguf_{isa}", sources=[str(CSRC)], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoadError(f"building the GGUF kernels failed ({first}); they need a C++ compiler (g++) and "
+                        f"ninja; or load the file dequantized (--dequantize)") from None
+    torch.library.register_fake("minitree_gguf::mm")(lambda x, w, kind: x.new_empty(x.shape[0], w.shape[0]))
+    return torch.ops.minitree_gguf
+
+
+class GGUFLinear(QuantLinear):
+    """A linear layer on a GGUF tensor's own blocks: rows [out, bytes per row] of `kind` (a ggml type)."""
+
+    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.qtype, self.dtype = f"gguf-{kind}", int(getattr(_types(), kind)), dtype
+        self.out_features, self.in_features = blocks.shape[0], in_features
+        self.register_buffer("blocks", blocks)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.mm = kernels().mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        y = self.mm(x.reshape(rows, -1), self.blocks, self.qtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return kernels().dequantize(self.blocks, self.qtype, self.in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _types():
+    from gguf import GGMLQuantizationType
+    return GGMLQuantizationType
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
+
+
+def hf_name(name: str) -> str:
+    """A GGUF tensor name -> the Hugging Face name model.py's modules use."""
+    stem, _, kind = name.rpartition(".")
+    if stem.startswith("blk."):
+        _, layer, module = stem.split(".", 2)
+        if module not in LAYER_NAMES:
+            raise LoadError(f"GGUF tensor {name} has no place in a Llama-family model")
+        return f"model.layers.{layer}.{LAYER_NAMES[module]}.{kind}"
+    if stem not in TOP_NAMES:
+        raise LoadError(f"GGUF tensor {name} has no place in a Llama-family model")
+    return f"{TOP_NAMES[stem]}.{kind}"
+
+
+def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half), on whole rows."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def read_gguf(file: Path, dtype: torch.dtype, dequantize: bool = False):
+    """A GGUF file -> (ModelArgs, float tensors by Hugging Face name, GGUFLinear layers by module name).
+    With `dequantize`, every tensor comes back as a float tensor (no layers, no kernels built)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as dequantize_numpy
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    try:
+        reader = GGUFReader(str(file))
+        config = load_gguf_checkpoint(str(file), return_tensors=False)["config"]
+    except Exception as e:  # the readers raise many types; all mean "not a usable GGUF file"
+        raise LoadError(f"{file} could not be read as a GGUF model ({type(e).__name__}: {e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise LoadError(f"{file}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    config["architectures"] = [ARCHITECTURES[arch]]
+    args = from_hf_config(config)
+    tensors, layers = {}, {}
+    for t in reader.tensors:
+        name, kind = hf_name(t.name), t.tensor_type.name
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dimensions innermost first
+        data = np.asarray(t.data)
+        if arch in PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = unpermute(data, args.n_heads if "q_proj" in name else args.n_kv_heads)
+        if kind in FLOATS:
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(data).astype(np.float32)).reshape(shape)
+        elif kind not in SUPPORTED and not dequantize:
+            raise LoadError(f"{file}: tensor {t.name} has GGUF type {kind}, which minitree's kernels do not read "
+                            f"(supported: {', '.join(SUPPORTED + FLOATS)}); load the file dequantized (--dequantize)")
+        elif dequantize:
+            tensors[name] = torch.from_numpy(dequantize_numpy(data, t.tensor_type)).reshape(shape)
+        elif name.startswith("model.embed_tokens"):  # looked up, not multiplied: dequantized once
+            tensors[name] = kernels().dequantize(torch.from_numpy(np.ascontiguousarray(data)), int(t.tensor_type),
+                                                 shape[1])
+        else:
+            layers[name.removesuffix(".weight")] = (torch.from_numpy(np.ascontiguousarray(data)), kind, shape[1])
+    for module, (blocks, kind, in_features) in list(layers.items()):
+        bias = tensors.pop(f"{module}.bias", None)
+        layers[module] = GGUFLinear(blocks, kind, in_features, None if bias is None else bias.to(dtype), dtype)
+    return args, tensors, layers

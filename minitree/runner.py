@@ -1,0 +1,163 @@
+"""A runner: how one model runs on this machine. The model (model.py) is only the model.
+
+A runner owns, for one model: the static KV cache; its own tree of modules over the model's
+weights (shared, never written), in which every linear layer is served through forms.FormLinear;
+the compiled decoder layers (regional compilation: one graph per query length, reused by every
+layer, `fullgraph=True, dynamic=False`); the plan (costs.py: how many rows a forward runs, in
+which kernel setting, with which copies of the weights, in which prefill chunks); and which
+shapes have been compiled. Two runners on one model share its weights and nothing else.
+
+A forward through a runner takes the tree mask's tensors (attention.py) and returns fp32 logits
+over the whole vocabulary: padded rows are dropped, a tensor-parallel model's vocabulary rows
+are gathered from every rank, a restricted draft vocabulary is padded with -inf.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BLOCK, TreeMask
+from .costs import PREFILL_CHUNKS, Plan, form_layers
+from .errors import EngineError
+from .forms import LOSSY, FormLinear, replace_linears
+from .machine import pin_vector_width
+from .model import Transformer
+from .tree import MAX_NODES
+
+# The shared layer code gets one graph per (model shape, query length); a bench run with several
+# trees and two models needs more than Dynamo's default of 8 before it would silently run eagerly.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+
+PLANS = ("measure", "exact", "none")
+
+
+def own_modules(module: nn.Module) -> nn.Module:
+    """A new tree of modules like `module`'s, sharing every parameter, buffer and attribute with it."""
+    new = copy.copy(module)
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new._modules = {name: own_modules(m) for name, m in module._modules.items() if m is not None}
+    return new
+
+
+class Runner:
+    """Runs `model`: `runner(tokens, positions, slots, q_node, base, anc_bits)` -> logits [T, vocab].
+
+    compile    compile the decoder layers (CPU: Inductor's C++ backend)
+    attention  "flex" (FlexAttention BlockMask) or "sdpa" (dense mask, the reference)
+    plan       "measure" (rows, kernels, weight forms and prefill chunks from this machine's measured
+               costs; the default when compiled), "exact" (every forward at least 4 rows, so bf16
+               chains round like plain decoding), "none" (forwards as they come; the default when
+               not compiled), or a costs.Plan
+    lossy      the model only proposes (a draft): lossy weight forms (int8, int4) may serve it
+    cache_len  KV cache slots to start with (`reserve` grows it)
+    """
+
+    def __init__(self, model: Transformer, *, compile: bool = True, attention: str = "flex",
+                 plan: str | Plan | None = None, lossy: bool = False, prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS,
+                 cache_len: int = 0, name: str = "model"):
+        if attention not in ("flex", "sdpa"):
+            raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
+        plan = plan or ("measure" if compile else "none")
+        if not isinstance(plan, Plan) and plan not in PLANS:
+            raise EngineError(f"plan must be one of {', '.join(PLANS)}, got {plan!r}")
+        if not prefill_chunks or not all(0 < c <= BLOCK for c in prefill_chunks):
+            raise EngineError(f"prefill chunks must be in 1..{BLOCK}, got {prefill_chunks}")
+        self.args, self.name, self.lossy, self.flex = model.args, name, lossy, attention == "flex"
+        self.prefill_chunks = tuple(prefill_chunks)
+        self.model = replace_linears(own_modules(model), FormLinear)
+        self.device = model.model.embed_tokens.weight.device
+        if compile:
+            if self.device.type == "cpu":
+                pin_vector_width()
+            for layer in self.model.model.layers:
+                layer.compile(fullgraph=True, dynamic=False)
+        if not isinstance(plan, Plan):
+            plan = Plan.measured(self.model, name, lossy) if plan == "measure" else \
+                Plan.exact() if plan == "exact" else Plan()
+        elif not lossy and set(plan.costs) & set(LOSSY):  # a plan made for a draft: its exact settings only
+            plan = Plan({k: v for k, v in plan.costs.items() if k not in LOSSY}, plan.min_rows, plan.name)
+        self.plan = plan
+        plan.apply(self.model)
+        self.kv_cache = torch.zeros(0)
+        self.reserve(cache_len)
+        self.compiled: set[int] = set()  # row counts run at least once
+
+    def reserve(self, cache_len: int) -> None:
+        """Make the KV cache [layers, 2, 1, H_kv, S, D] hold at least `cache_len` slots (a multiple
+        of the attention block); what it held is kept."""
+        cache_len = -(-cache_len // BLOCK) * BLOCK
+        if cache_len <= self.cache_len:
+            return
+        a, w = self.args, self.model.model.embed_tokens.weight
+        old, self.kv_cache = self.kv_cache, torch.zeros(a.n_layers, 2, 1, a.n_kv_heads // a.world, cache_len,
+                                                        a.head_dim, dtype=w.dtype, device=w.device)
+        if old.numel():
+            self.kv_cache[..., : old.shape[4], :] = old
+
+    @property
+    def cache_len(self) -> int:
+        return self.kv_cache.shape[4] if self.kv_cache.dim() == 6 else 0
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, q_node: torch.Tensor,
+                 base: torch.Tensor, anc_bits: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        """One forward over tokens [T] at `slots`, under the tree mask (attention.py) -> fp32 logits
+        [T, vocab] (None when logits=False). The ancestor bits are padded to MAX_NODES, so that
+        compiled graphs depend on the row count only."""
+        n = tokens.numel()
+        rows = self.plan.rows(n)
+        if rows > n:
+            # Padded with copies of the first query (same token, slot and mask row, so the same cache
+            # write) where the plan measured more rows to be cheaper, or to round alike (Plan.exact).
+            pad = torch.cat([torch.arange(n, device=tokens.device),
+                             torch.zeros(rows - n, dtype=torch.long, device=tokens.device)])
+            tokens, positions, slots, q_node = tokens[pad], positions[pad], slots[pad], q_node[pad]
+        mask = TreeMask(q_node, base, F.pad(anc_bits, (0, MAX_NODES - anc_bits.numel())), self.flex)
+        if rows == 1:
+            mask = mask.for_one_query(slots)
+        with self.plan.kernels(rows):
+            out = self.model(tokens, positions, slots, self.kv_cache, mask, logits)
+        if not logits:
+            return None
+        out = out[:n].float()  # [n, this rank's vocabulary rows]
+        if self.args.world > 1:  # every rank's vocabulary rows, side by side
+            out = funcol.all_gather_tensor(out, 0, dist.group.WORLD).view(self.args.world, n, -1)
+            out = out.transpose(0, 1).reshape(n, -1)
+        if out.shape[-1] < self.args.vocab_size:  # a draft restricted to its first ids (forms.restrict_vocab)
+            out = F.pad(out, (0, self.args.vocab_size - out.shape[-1]), value=float("-inf"))
+        return out
+
+    def cache(self, seq: torch.Tensor, start: int, end: int) -> None:
+        """Cache the tokens seq[start:end] at their slots, in the chunk shapes the plan measured to be
+        the cheapest for this length. Padding rows write token 0 to later slots, which are always
+        written again before anything attends to them."""
+        for c in self.plan.chunks(end - start, self.prefill_chunks):
+            slots = torch.arange(start, start + c, device=self.device)
+            causal = TreeMask.causal(c, self.device)
+            self(seq[slots] * (slots < end), slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
+            start += c
+
+    def warm(self, rows: int, seq: torch.Tensor, first_slot: torch.Tensor) -> bool:
+        """Run a forward of `rows` rows once on scratch slots from `first_slot`, unless one ran
+        before, so that compiling lands here -> whether it ran."""
+        if rows in self.compiled:
+            return False
+        self.compiled.add(rows)
+        slots = first_slot + torch.arange(rows, device=self.device)
+        self(seq[slots], slots, slots, torch.zeros_like(slots), slots[0], torch.ones(1, dtype=torch.long,
+                                                                                     device=self.device))
+        return True
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: the model's weights (shared with it), the copies this runner made, the cache."""
+        weights = sum(t.numel() * t.element_size() for t in
+                      {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}.values())
+        copies = sum(t.numel() * t.element_size() for m in form_layers(self.model)
+                     for ts in m.copies().values() for t in ts)
+        return dict(weights=weights, copies=copies, kv_cache=self.kv_cache.numel() * self.kv_cache.element_size())
