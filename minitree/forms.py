@@ -249,6 +249,9 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     float weights (in place): another model, whose output speculative decoding then keeps."""
     if kind not in QUANTIZE:
         raise EngineError(f"quantization must be one of {', '.join(QUANTIZE)}, got {kind!r}")
+    if quant_kinds(model):
+        raise EngineError(f"--quantize {kind} makes a quantized model of a float one; this one holds "
+                          f"{', '.join(quant_kinds(model))} weights already (load it with --dequantize)")
     if model.lm_head.weight.device.type != "cpu":
         raise EngineError(f"--quantize {kind} uses torch's CPU kernels; this model is on "
                           f"{model.lm_head.weight.device.type}")

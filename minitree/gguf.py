@@ -112,8 +112,9 @@ def hf_name(name: str) -> str:
 
 
 def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half), on whole rows."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half), on whole rows
+    (so on quantized rows too)."""
+    return rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def read_gguf(file: Path, dtype: torch.dtype, dequantize: bool = False):
@@ -147,10 +148,10 @@ def read_gguf(file: Path, dtype: torch.dtype, dequantize: bool = False):
         elif dequantize:
             tensors[name] = torch.from_numpy(dequantize_numpy(data, t.tensor_type)).reshape(shape)
         elif name.startswith("model.embed_tokens"):  # looked up, not multiplied: dequantized once
-            tensors[name] = kernels().dequantize(torch.from_numpy(np.ascontiguousarray(data)), int(t.tensor_type),
+            tensors[name] = kernels().dequantize(torch.from_numpy(np.array(data)), int(t.tensor_type),
                                                  shape[1])
         else:
-            layers[name.removesuffix(".weight")] = (torch.from_numpy(np.ascontiguousarray(data)), kind, shape[1])
+            layers[name.removesuffix(".weight")] = (torch.from_numpy(np.array(data)), kind, shape[1])
     for module, (blocks, kind, in_features) in list(layers.items()):
         bias = tensors.pop(f"{module}.bias", None)
         layers[module] = GGUFLinear(blocks, kind, in_features, None if bias is None else bias.to(dtype), dtype)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import minitree
 from reference import causal, plain
 from tiny import save_random, save_tokenizer
 

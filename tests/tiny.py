@@ -8,6 +8,7 @@ from __future__ import annotations
 import zipfile
 
 import gguf
+import numpy as np
 import torch
 import transformers
 from tokenizers import pre_tokenizers
@@ -73,11 +74,56 @@ TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weigh
              "lm_head.weight": "output.weight"}
 
 
-def write_gguf(hf, path):
-    """A Qwen2 GGUF file (f32 tensors, byte-level tokenizer) holding `hf`'s weights."""
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_name("tiny-qwen2")
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """A valid (not optimal) Q4_K encoding of w [rows, cols] (cols % 256 == 0) -> bytes [rows, cols / 256 * 144]."""
+    blocks = w.astype(np.float32).reshape(-1, 8, 32)  # [super-blocks, sub-blocks, 32]
+    lo, hi = np.minimum(blocks.min(-1), 0), blocks.max(-1)
+    scale, low = np.maximum(hi - lo, 1e-8) / 15, -lo  # w ~ scale * q - low, q in 0..15
+    d, dmin = scale.max(-1) / 63, np.maximum(low.max(-1), 1e-8) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.round(scale / d16.astype(np.float32)[:, None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(low / dmin16.astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+    eff_scale = d16.astype(np.float32)[:, None] * sc
+    eff_low = dmin16.astype(np.float32)[:, None] * m
+    q = np.clip(np.round((blocks + eff_low[..., None]) / eff_scale[..., None]), 0, 15).astype(np.uint8)
+    packed = np.zeros((len(blocks), 12), np.uint8)
+    packed[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    q = q.reshape(-1, 4, 2, 32)  # chunks of 64: the low nibbles hold its first 32, the high nibbles the rest
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    out = np.concatenate([d16.view(np.uint8).reshape(-1, 2), dmin16.view(np.uint8).reshape(-1, 2), packed, qs], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """A valid Q6_K encoding of w [rows, cols] (cols % 256 == 0) -> bytes [rows, cols / 256 * 210]."""
+    blocks = w.astype(np.float32).reshape(-1, 16, 16)
+    scale = np.maximum(np.abs(blocks).max(-1), 1e-8) / 31
+    d16 = (scale.max(-1) / 127).astype(np.float16)
+    sc = np.clip(np.round(scale / d16.astype(np.float32)[:, None]), 1, 127).astype(np.int8)
+    eff = d16.astype(np.float32)[:, None] * sc
+    q = (np.clip(np.round(blocks / eff[..., None]), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 128)
+    lo, hi = q & 0xF, q >> 4
+    ql = (lo[:, :, :64] | (lo[:, :, 64:] << 4)).reshape(-1, 128)
+    hi = hi.reshape(-1, 2, 4, 32)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), d16.view(np.uint8).reshape(-1, 2)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def gguf_types(kinds: dict[str, str]):
+    """{tensor-name part: GGUF type name} -> a function naming each weight's type (F32 by default)."""
+    return lambda name: next((k for part, k in kinds.items() if part in name), "F32")
+
+
+def write_gguf(hf, path, types=None):
+    """A GGUF file (byte-level tokenizer) holding `hf`'s weights, as llama.cpp's converter writes them
+    (llama: q/k rows permuted for its interleaved RoPE). `types(name)` gives each 2-D weight's GGUF type
+    (F32, Q4_0, Q5_0, Q8_0 by the gguf package, Q4_K and Q6_K above); default F32."""
+    cfg, arch = hf.config, hf.config.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -88,16 +134,28 @@ def write_gguf(hf, path):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
-    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
-    w.add_token_scores([0.0] * 256)
-    w.add_token_types([1] * 256)
+    vocab = cfg.vocab_size  # a byte per token (the first ones only, for the smaller test vocabularies)
+    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet())[:vocab])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([1] * vocab)
     w.add_token_merges([])
     w.add_eos_token_id(0)
     for name, tensor in hf.state_dict().items():
+        data = tensor.float().numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(data.shape)
         if name not in TOP_NAMES:
             parts = name.split(".")  # model.layers.{i}.{module}.{weight|bias}
             name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-        w.add_tensor(TOP_NAMES.get(name, name), tensor.float().numpy())
+        name = TOP_NAMES.get(name, name)
+        kind = (types or gguf_types({}))(name) if data.ndim == 2 else "F32"
+        if kind == "F32":
+            w.add_tensor(name, data)
+            continue
+        qtype = gguf.GGMLQuantizationType[kind]
+        packed = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}.get(kind, lambda a: gguf.quants.quantize(a, qtype))(data)
+        w.add_tensor(name, packed, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -120,7 +120,8 @@ def plot(table: dict, prompt_sets: list[str], systems: list, path: Path, title: 
             ax.annotate(short(name), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for i, s in enumerate(x for x in systems if x.nodes is None):
             y = table[f"{ps}/{s.name}"]["speedup"]
-            label = f"transformers {s.name}" if isinstance(s, HFSystem) else f"minitree {s.name} (chooses per step)"
+            label = f"transformers {s.name}" if isinstance(s, HFSystem) else s.name if s.name.startswith("llama.cpp") \
+                else f"minitree {s.name} (chooses per step)"
             ax.axhline(y, color=f"C{i + 1}", ls="--", lw=1)
             ax.annotate(f"{label}: {y:.2f}x", (1, y), xycoords=("axes fraction", "data"), fontsize=8,
                         color=f"C{i + 1}", xytext=(-2, -10), textcoords="offset points", ha="right")

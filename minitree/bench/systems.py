@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from ..sampling import Sampling
 from ..tree import parse_tree
 
 HF_SYSTEMS = ("hf", "hf-assisted")
+LLAMA_CPP = re.compile(r"llama\.cpp(-spec(:\d+)?)?$")  # llama.cpp, llama.cpp-spec, llama.cpp-spec:8
 
 
 def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
@@ -27,7 +31,7 @@ def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
         raise EngineError(f"system '{name}+{quant}': the target quantization after '+' must be one of "
                           f"{', '.join(QUANTIZE)}")
     quant = quant or None
-    if name == "plain" or name in HF_SYSTEMS:
+    if name == "plain" or name in HF_SYSTEMS or LLAMA_CPP.match(name):
         if quant and name != "plain":
             raise EngineError(f"system '{name}+{quant}': only minitree systems take a quantized target")
         return None, None, quant
@@ -86,6 +90,59 @@ class HFSystem:
             out = self.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
                                        assistant_model=self.draft, streamer=clock, **self.kwargs)
         return out[0, len(ids):].tolist(), dict(first_token_s=clock.first - clock.start)
+
+
+class LlamaCppSystem:
+    """llama.cpp on the same GGUF file(s), from a build of it (README, "llama.cpp beside minitree"):
+    `llama.cpp` is its plain decoding (llama-completion), `llama.cpp-spec[:N]` its speculative decoding
+    with the draft model, N draft tokens per step (llama-speculative-simple). Greedy, the same threads.
+    The prompt is the same token ids (its text, special tokens parsed); its output text is tokenized
+    back with the target's tokenizer, and an EOS is counted where it stopped early, as minitree counts
+    it. Seconds are its own timings of prompt and generation (model loading excluded, as minitree's
+    warm-up is)."""
+
+    def __init__(self, name: str, build: Path, target_gguf: Path, draft_gguf: Path | None, tokenizer, args):
+        spec = name.startswith("llama.cpp-spec")
+        binary = build / "bin" / ("llama-speculative-simple" if spec else "llama-completion")
+        if not binary.exists():
+            raise EngineError(f"system {name}: {binary} does not exist (build llama.cpp: README, "
+                              f"\"llama.cpp beside minitree\")")
+        if spec and draft_gguf is None:
+            raise EngineError(f"system {name} needs the draft as a GGUF file")
+        self.name, self.nodes, self.tokenizer = name, None, tokenizer
+        threads = str(args.threads or torch.get_num_threads())
+        self.cmd = [str(binary), "-m", str(target_gguf), "-t", threads, "--temp", "0", "-c", str(args.max_seq_len)]
+        if spec:
+            self.cmd += ["-md", str(draft_gguf), "--spec-type", "draft-simple", "-td", threads,
+                         "--spec-draft-n-max", name.partition(":")[2] or "8"]
+        else:
+            self.cmd += ["-no-cnv", "--no-display-prompt"]
+        self.eos = set(args.eos_token_ids)
+
+    def warm_up(self, ids: list[int]) -> None:
+        self(ids, 8)
+
+    def __call__(self, ids: list[int], max_new: int):
+        prompt = self.tokenizer.decode(ids, skip_special_tokens=False)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+            f.write(prompt)
+            f.flush()
+            run = subprocess.run(self.cmd + ["-bf", f.name, "-n", str(max_new)], capture_output=True, text=True)
+        if run.returncode:
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EngineError(f"{self.name} failed: {last}")
+        text, log = run.stdout, run.stderr
+        if self.name.startswith("llama.cpp-spec"):  # it echoes the prompt first
+            text = text.lstrip("\n").removeprefix(prompt.rstrip("\n")).removeprefix("\n")
+            seconds = [float(x) for x in re.findall(r"(?:en|de)coded\s+\d+ tokens in\s+([\d.]+) seconds", log)]
+            wall, first = sum(seconds), seconds[0]
+        else:
+            ms = {k: float(v) for k, v in re.findall(r"(prompt eval|\beval|sampling) time =\s+([\d.]+) ms", log)}
+            wall, first = sum(ms.values()) / 1e3, ms["prompt eval"] / 1e3
+        tokens = self.tokenizer(text, add_special_tokens=False).input_ids[:max_new]
+        if len(tokens) < max_new and self.eos:  # it stopped at an end-of-sequence token, which it does not print
+            tokens.append(min(self.eos))
+        return tokens, dict(first_token_s=first, wall_s=wall)
 
 
 class FirstToken:

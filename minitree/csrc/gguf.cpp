@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
+#include <vector>
 
 // 16 fp32 lanes: one AVX-512 register, two AVX2 ones, or a plain array.
 #if defined(__AVX512F__)
@@ -313,7 +314,7 @@ static inline void bf16_q6_k(const uint8_t* b, const uint16_t* x, int64_t K, con
 // Output columns o0..o1 for NR bf16 activation rows (row stride K).
 template <int NR, bool Q4K>
 static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x, int64_t K, const float* xs,
-                         float* y, int64_t ldy, int64_t o0, int64_t o1) {
+                         c10::BFloat16* y, int64_t ldy, int64_t o0, int64_t o1) {
   constexpr int A = ACCS<NR>;
   const __m512i lut = Q4K ? table(0) : table(-32), lut_high = table(0);
   const int64_t blocks = K / 256, ldxs = K / 32;
@@ -335,14 +336,14 @@ static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x,
       for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r * A + a]);
       const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(shift[r]), _mm256_extractf128_ps(shift[r], 1));
       const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-      y[r * ldy + o] = _mm512_reduce_add_ps(sum) + _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+      y[r * ldy + o] = c10::BFloat16(_mm512_reduce_add_ps(sum) + _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))));
     }
   }
 }
 
 template <bool Q4K, int NR = MAX_NR>
 static void columns_bf16_for(int nr, const uint8_t* w, int64_t row_bytes, const uint16_t* x, int64_t K,
-                             const float* xs, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+                             const float* xs, c10::BFloat16* y, int64_t ldy, int64_t o0, int64_t o1) {
   if constexpr (NR > 1) {
     if (nr < NR) return columns_bf16_for<Q4K, NR - 1>(nr, w, row_bytes, x, K, xs, y, ldy, o0, o1);
   }
@@ -356,20 +357,26 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(K % 256 == 0 && w.size(1) == K / 256 * bytes, "gguf mm: ", K, " input features do not match ",
               w.size(1), " bytes per weight row");
   const auto xc = x.contiguous();
-  const auto xs = Q4K ? xc.view({R, K / 32, 32}).sum(-1, false, torch::kFloat) : torch::empty({0}, torch::kFloat);
   const auto wc = w.contiguous();
-  auto y = torch::empty({R, O}, x.options().dtype(torch::kFloat));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  const float* xsp = xs.data_ptr<float>();
+  auto y = torch::empty({R, O}, x.options());
+  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
+  std::vector<float> xs(Q4K ? R * K / 32 : 0);  // sums of x over each 32 columns: Q4_K's mins multiply them
+  for (size_t g = 0; g < xs.size(); ++g) {
+    float sum = 0;
+    for (int i = 0; i < 32; ++i) sum += static_cast<float>(xb[32 * g + i]);
+    xs[g] = sum;
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
+  const float* xsp = xs.data();
   const uint8_t* wp = wc.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
     for (int64_t r = 0; r < R; r += MAX_NR) {
       const int nr = static_cast<int>(std::min<int64_t>(MAX_NR, R - r));
       columns_bf16_for<Q4K>(nr, wp, w.size(1), xp + r * K, K, xsp + r * (K / 32), yp + r * O, O, o0, o1);
     }
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 #endif
 

@@ -1,0 +1,162 @@
+"""GGUF files with their quantized weights kept: the kernels read every supported type exactly, the
+models load (llama.cpp's q/k permutation undone on quantized rows), and decoding them is lossless."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+import minitree
+import minitree.accept
+from minitree.costs import ROWS, Plan, settings
+from minitree.gguf import SUPPORTED, GGUFLinear
+from reference import causal, plain
+from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
+from tiny import gguf_types, quantize_q4_k, quantize_q6_k, save_random, write_gguf
+
+PACK = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+# Every supported type somewhere in the model, as in the default pair's files (Q4_K_M and the draft's mix).
+MIX = {"attn_q": "Q4_K", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_0",
+       "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output.weight": "Q6_K", "token_embd": "Q4_K"}
+SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # K-quants: 256s
+PROMPT = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+
+
+def packed(w: np.ndarray, kind: str) -> np.ndarray:
+    return PACK.get(kind, lambda a: quantize(a, GGMLQuantizationType[kind]))(w)
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_kernels_read_every_type_exactly(kind):
+    """Dequantized weights equal the gguf package's reading; products match float64 within fp32
+    summation (fp32 activations) or bf16 output rounding (bf16 activations), at every row count."""
+    w = np.random.RandomState(1).randn(48, 512).astype(np.float32) * 0.05
+    blocks = packed(w, kind)
+    ref = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).copy())
+    layer = GGUFLinear(torch.from_numpy(blocks), kind, 512, None, torch.float32)
+    torch.testing.assert_close(layer.dequantize(), ref, rtol=0, atol=1e-7)
+    for rows in (1, 3, 8, 11):
+        x = torch.randn(1, rows, 512)
+        exact = (x.double() @ ref.double().T)[0]
+        assert ((layer(x)[0] - exact).abs().max() / exact.abs().max()) < 1e-5
+        y = layer(x.bfloat16())[0]
+        assert y.dtype == torch.bfloat16
+        exact = (x.bfloat16().double() @ ref.double().T)[0]
+        torch.testing.assert_close(y.double(), exact, rtol=1 / 128, atol=1e-3 * exact.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def quantized_pair(tmp_path_factory):
+    """A tiny Qwen2 target and draft as GGUF files holding every supported type; the target also as
+    the float model its weights dequantize to."""
+    root = tmp_path_factory.mktemp("gguf-pair")
+    hf = save_random(root / "target", "qwen2", seed=31, tie_word_embeddings=False, **SIZES)
+    write_gguf(hf, root / "target.gguf", gguf_types(MIX))
+    draft = save_random(root / "draft", "qwen2", seed=32, noise_from=root / "target", noise=0.3,
+                        tie_word_embeddings=False, **SIZES)
+    write_gguf(draft, root / "draft.gguf", gguf_types({"ffn": "Q8_0", "attn": "Q5_0", "output.weight": "Q8_0"}))
+    return root / "target.gguf", root / "draft.gguf"
+
+
+def test_a_quantized_gguf_model_keeps_its_blocks(quantized_pair):
+    target = minitree.load(quantized_pair[0])
+    layer = target.model.layers[0]
+    assert isinstance(target.lm_head, GGUFLinear) and target.lm_head.kind == "gguf-Q6_K"
+    assert [m.kind for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.gate_proj)] == \
+        ["gguf-Q4_K", "gguf-Q8_0", "gguf-Q5_0"]
+    assert layer.self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases, beside the blocks
+    floats = minitree.load(quantized_pair[0], dequantize=True)
+    assert isinstance(floats.lm_head, torch.nn.Linear)
+    ids = torch.tensor(PROMPT)
+    torch.testing.assert_close(causal(target)(ids), causal(floats)(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_llama_q_and_k_rows_are_unpermuted(tmp_path):
+    """llama.cpp stores a Llama's q/k rows permuted for its interleaved RoPE; quantized or not, they
+    are read back in Hugging Face's order (logits match transformers within quantization error)."""
+    cfg = transformers.LlamaConfig(vocab_size=256, num_hidden_layers=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                   max_position_embeddings=512, tie_word_embeddings=False, **SIZES)
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    write_gguf(hf, tmp_path / "f32.gguf")
+    write_gguf(hf, tmp_path / "q8.gguf", gguf_types({"attn": "Q8_0"}))
+    assert (causal(minitree.load(tmp_path / "f32.gguf"))(ids) - ref).abs().max() < 1e-4
+    q8 = causal(minitree.load(tmp_path / "q8.gguf"))(ids)
+    assert (q8 - ref).norm() / ref.norm() < 0.02
+
+
+@pytest.mark.parametrize("spec", ["2,2,1", "dynamic:depth=4,width=2,k=2,nodes=6"])
+def test_tree_decoding_of_a_quantized_target_is_lossless(quantized_pair, spec):
+    """fp32 activations: tree decoding equals plain decoding of the same GGUF weights, also when the
+    plan serves verify passes from a dequantized copy and the draft from lossy int8 copies."""
+    target, draft = (minitree.load(p) for p in quantized_pair)
+    reference = plain(target, PROMPT, 48)
+    result = minitree.Engine(target, draft, spec, compile=False, max_seq_len=256).generate(PROMPT, 48)
+    assert result.tokens == reference and result.stats.tau > 1.2
+    copies = Plan(dict(native=[1.0] * len(ROWS), float=[2.0 if r < 4 else 0.5 for r in ROWS],
+                       int8=[0.5 if r < 4 else 2.0 for r in ROWS]))
+    runners = [minitree.Runner(m, compile=False, plan=copies, lossy=m is draft) for m in (target, draft)]
+    assert runners[0].model.lm_head.form_of == dict.fromkeys(range(4, 129), "float")
+    assert runners[1].model.lm_head.form_of == dict.fromkeys(range(1, 4), "int8") | dict.fromkeys(range(4, 129), "float")
+    assert minitree.Engine(*runners, spec, max_seq_len=256).generate(PROMPT, 48).tokens == reference
+
+
+def test_compiled_quantized_target_equals_eager(quantized_pair):
+    """The kernel is an op of its own inside compiled layers (no recompiles in steady state)."""
+    target = minitree.load(quantized_pair[0])
+    engine = minitree.Engine(target, max_seq_len=256, plan="none", prefill_chunks=(32,))
+    engine.warm_up()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        tokens = engine.generate(PROMPT, 40).tokens
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert tokens == plain(target, PROMPT, 40)
+
+
+@pytest.fixture(scope="module")
+def quantized_markov_pair(tmp_path_factory):
+    """test_sampling's Markov models (no decoder layers), their lm_heads in Q4_K (target) and Q8_0 (draft)."""
+    root = tmp_path_factory.mktemp("gguf-markov")
+    kw = dict(num_hidden_layers=0, vocab_size=32, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
+    hf = save_random(root / "target", "qwen2", seed=11, head_scale=10.0, **kw)
+    write_gguf(hf, root / "target.gguf", gguf_types({"output.weight": "Q4_K"}))
+    hf = save_random(root / "draft", "qwen2", seed=12, noise_from=root / "target", noise=0.5, **kw)
+    write_gguf(hf, root / "draft.gguf", gguf_types({"output.weight": "Q8_0"}))
+    return minitree.load(root / "target.gguf"), minitree.load(root / "draft.gguf")
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["exact", "negative-control-no-residual"])
+def test_sampling_a_quantized_target_matches_its_distribution(quantized_markov_pair, monkeypatch, broken):
+    if broken:
+        monkeypatch.setattr(minitree.accept, "residual", lambda p, q: p)
+    target, draft = quantized_markov_pair
+    assert isinstance(target.lm_head, GGUFLinear)
+    counts, tau = sample_transitions(target, draft, "2,2,1", T1, n=12_000)
+    pvalue = chi_square_pvalue(counts, transition_matrix(target, T1))
+    print(f"quantized target, tree 2,2,1, broken={broken}: tau {tau:.3f}, p-value {pvalue:.3g}")
+    assert tau > 1.2
+    assert pvalue < 1e-6 if broken else pvalue > 1e-3
+
+
+def test_settings_of_a_quantized_model(quantized_pair):
+    """A bf16 quantized model may also run on dequantized copies; a draft on lossy ones too."""
+    model = minitree.load(quantized_pair[1], dtype=torch.bfloat16)
+    found = settings(minitree.Runner(model, compile=False, plan="none", lossy=True).model, lossy=True)
+    assert {"native", "gemv", "fp32", "int8", "int4"} <= set(found)
+
+
+def test_unsupported_types_are_one_clear_error(tmp_path, quantized_pair):
+    hf = save_random(tmp_path / "m", "qwen2", seed=5, tie_word_embeddings=False, **SIZES)
+    write_gguf(hf, tmp_path / "q41.gguf", gguf_types({"ffn_up": "Q4_1"}))
+    with pytest.raises(minitree.LoadError, match=r"tensor blk\.0\.ffn_up\.weight has GGUF type Q4_1.*--dequantize"):
+        minitree.load(tmp_path / "q41.gguf")
+    assert isinstance(minitree.load(tmp_path / "q41.gguf", dequantize=True).model.layers[0].mlp.up_proj,
+                      torch.nn.Linear)
+    with pytest.raises(minitree.EngineError, match="holds gguf-"):
+        minitree.quantize(minitree.load(quantized_pair[0]), "int8")
