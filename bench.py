@@ -105,8 +105,8 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
         runners, draft_runner = draft_and_targets(target, drafter, names, draft_lossy, draft_vocab, runner_args)
         chosen = [MinitreeSystem(n, runners, draft_runner, args) for n in names
                   if n not in HF_SYSTEMS and not LLAMA_CPP.match(n)]
-        return report_costs(step_costs(chosen), dict(target=runners[None].plan, draft=draft_runner.plan),
-                            acceptance_from, prompt_sets, dtype, device, out)
+        return report_costs(step_costs(chosen), dict(target=runners[None], draft=draft_runner), acceptance_from,
+                            prompt_sets, dtype, device, out)
     if not prompts_file and (unknown := [ps for ps in prompt_sets if ps not in PROMPT_SETS]):
         raise minitree.EngineError(f"unknown prompt set {unknown[0]!r}; known: {', '.join(PROMPT_SETS)} "
                                    f"(or --prompts-file FILE)")

@@ -1,7 +1,8 @@
 """Step 3: which drafted nodes does the target agree with? -> accepted path + bonus token.
 
 Both rules walk the tree by parent pointers (never a flat prefix walk, which would turn a
-tree into a chain) and are sync-free: they return tensors.
+tree into a chain) and are sync-free: they return tensors, and index with tensors of one
+element, never with 0-dim ones (Python indexing reads those on the host).
 
     path   [D+1]  node indices root -> last accepted node, padded by repeating the last one
     n_acc  []     number of accepted draft nodes (0..D); the step commits n_acc + 1 tokens
@@ -16,15 +17,19 @@ from .sampling import draw
 from .tree import StepTree
 
 
+def at(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """t[i] for a 0-dim index tensor i, on the device (t[i] would read i on the host)."""
+    return t.index_select(0, i.view(1))[0]
+
+
 def accept_greedy(tree: StepTree, target_logits: torch.Tensor):
     """target_logits [n, V]: a node is accepted iff it and each ancestor is the target's argmax
     at its parent; the deepest accepted node ends the path."""
     choice = target_logits.argmax(-1)  # [n]
-    correct = tree.tokens == choice[tree.parents]
-    correct[0] = True
+    correct = (tree.tokens == choice[tree.parents]) | (tree.depth == 0)  # the root is given
     accepted = correct[tree.paths].all(1)  # all ancestors (and self) correct
     last = (tree.depth * accepted).argmax()  # siblings carry distinct tokens: one path at most
-    return tree.paths[last], tree.depth[last], choice[last]
+    return at(tree.paths, last), at(tree.depth, last), at(choice, last)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -52,14 +57,14 @@ def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Ten
     n_acc = torch.zeros((), dtype=torch.long, device=p.device)
     stop_p = p[0]
     for d in range(tree.max_depth):
-        res, qq, nxt = p[cur], q[tree.draft_row[cur]], cur
+        res, qq, nxt = at(p, cur), at(q, at(tree.draft_row, cur)), cur
         moved = torch.zeros((), dtype=torch.bool, device=p.device)
         for r in range(K):
-            child = tree.children[cur, r]
-            token = tokens[child.clamp(min=0)]  # UNDRAFTED (< 0) below an early stop: no child
+            child = at(tree.children, cur)[r]
+            token = at(tokens, child.clamp(min=0))  # UNDRAFTED (< 0) below an early stop: no child
             x = token.clamp(min=0)
-            q_i = torch.nn.functional.one_hot(x, p.shape[-1]).to(p.dtype) if one_hot_draft else qq
-            qx, px = q_i[x], res[x]
+            q_i = (torch.arange(p.shape[-1], device=p.device) == x).to(p.dtype) if one_hot_draft else qq
+            qx, px = at(q_i, x), at(res, x)
             valid = alive & ~moved & (child >= 0) & (token >= 0)
             ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
             rejected = valid & ~ok
@@ -73,5 +78,5 @@ def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Ten
         alive = alive & moved
         cur = torch.where(moved, nxt, cur)
         n_acc = n_acc + moved.long()
-    stop_p = torch.where(alive, p[cur], stop_p)
-    return tree.paths[cur], n_acc, draw(stop_p, u_bonus)
+    stop_p = torch.where(alive, at(p, cur), stop_p)
+    return at(tree.paths, cur), n_acc, draw(stop_p, u_bonus)

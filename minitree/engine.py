@@ -20,6 +20,7 @@ from .auto import Auto, Config, family
 from .costs import PREFILL_CHUNKS
 from .draft import draft_tree
 from .errors import EngineError
+from .graphs import StepGraphs
 from .kv import compact
 from .model import Transformer
 from .runner import Runner
@@ -72,13 +73,14 @@ class Engine:
     as bench.py does). With draft=None (or tree=None) the engine decodes plainly. `draft_lossy`:
     lossy weight forms may serve the draft where measured cheaper (default: on CPU); the output
     does not change. `draft_cutoff`: stop drafting a step once no node of the next level reaches
-    this draft confidence. Prompt + output must fit in max_seq_len.
+    this draft confidence. Prompt + output must fit in max_seq_len. `cuda_graphs`: on a GPU, each
+    configuration's step is captured once as a CUDA graph and replayed (graphs.py; default on).
     """
 
     def __init__(self, target: Transformer | Runner, draft: Transformer | Runner | None = None,
                  tree: "TreeSpec | str | None" = None, *, max_seq_len: int = 2048, compile: bool = True,
                  attention: str = "flex", prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0,
-                 plan: str | None = None, draft_lossy: bool | None = None):
+                 plan: str | None = None, draft_lossy: bool | None = None, cuda_graphs: bool = True):
         if draft is not None and draft is target and isinstance(draft, Runner):
             raise EngineError("the draft needs a runner of its own (each runner holds its own KV cache)")
         if draft is not None and draft.args.vocab_size != target.args.vocab_size:
@@ -111,7 +113,11 @@ class Engine:
             r.reserve(cache_len)
         self.auto = Auto(self.draft.plan.cost, self.target.plan.cost) if auto else None
         self.seq = Committed(cache_len, self.device)
-        self.timed = self.device.type != "cuda"  # time each step's phases (on a GPU: a sync per phase)
+        gpu = self.device.type == "cuda"
+        self.generator = torch.Generator(device=self.device)  # one object: a captured graph keeps its state
+        self.graphs = StepGraphs(self._state, self.generator) if gpu and cuda_graphs else None
+        self.timed = not gpu  # time each step's phases (on a GPU: a sync per phase, none inside a graph)
+        self.masked_stop = gpu  # the draft's early stop as a device mask, not a host read (draft.py)
 
     # ------------------------------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
@@ -161,18 +167,31 @@ class Engine:
         return self.specs[config.name]
 
     # ------------------------------------------------------------------------------------
+    def _state(self) -> list[torch.Tensor]:
+        """The tensors a step writes (graphs.py)."""
+        return [self.seq.tokens, self.seq.n, self.target.kv_cache] + ([self.draft.kv_cache] if self.draft else [])
+
     def step(self, sampling: Sampling, generator: torch.Generator | None = None, one_hot_draft: bool = False) -> Step:
-        """One speculative step along self.tree: draft -> verify -> accept -> compact."""
-        seq, base = self.seq, self.seq.n - 1
+        """One speculative step along self.tree (_step: draft -> verify -> accept -> compact), after
+        the draft catches up with tokens it has not cached; on a GPU, replayed from a CUDA graph."""
         clock = Clock(self.timed, self.timed and self.device.type == "cuda")
+        seq = self.seq
+        if self.tree.max_depth and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
+            self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
+            clock.lap("catch_up")
+        if self.graphs is None:
+            return Step(*self._step(sampling, generator, one_hot_draft, clock), clock.times)
+        key = (self.tree.name, sampling, one_hot_draft, generator is not None)
+        return Step(*self.graphs(key, lambda: self._step(sampling, generator, one_hot_draft, clock)), {})
+
+    def _step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool, clock: Clock):
+        """draft -> verify -> accept -> compact: (committed tokens, count, path, tree, levels)."""
+        seq, base = self.seq, self.seq.n - 1
         if self.tree.max_depth:
-            if seq.draft_cached < seq.length - 2:  # after the prompt, or when tree auto decoded plainly
-                self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
-                clock.lap("catch_up")
             tree, q, levels = draft_tree(self.draft, self.tree, seq.tokens, seq.n, sampling, one_hot_draft,
-                                         generator, self.draft_cutoff)
+                                         generator, self.draft_cutoff, self.masked_stop)
         else:  # plain decoding: the root alone
-            tree, q, levels = self.tree.step._replace(tokens=seq.tokens[base].view(1)), None, 0
+            tree, q, levels = self.tree.step._replace(tokens=seq.tokens[base.view(1)]), None, 0
         clock.lap("draft")
         logits = verify(self.target, tree, base)
         clock.lap("verify")
@@ -191,7 +210,7 @@ class Engine:
         seq.tokens.index_copy_(0, seq.n + torch.arange(tree.max_depth + 1, device=self.device), out)
         seq.n += n_acc + 1
         clock.lap("compact")
-        return Step(out, n_acc + 1, path, tree, levels, clock.times)
+        return out, n_acc + 1, path, tree, levels
 
     def advance(self, step: Step) -> int:
         """Read how many tokens `step` committed (the one host read per step) and note it -> count."""
@@ -217,7 +236,7 @@ class Engine:
         one_hot_draft = one_hot_draft or self.tree.topk_children or self.auto is not None
         generator = None
         if not sampling.greedy:  # with tensor parallelism, every rank draws the same numbers
-            generator = torch.Generator(device=self.device)
+            generator = self.generator
             generator.manual_seed(tp.broadcast(seed if seed is not None else torch.seed()))
         stats = Stats()
         start = time.perf_counter()
