@@ -7,7 +7,8 @@ which dequantizes every weight to the value its format defines, in fp32, and acc
 So for every supported type the weights are the file's, exactly; only the summation order and
 the rounding of the output to the activations' dtype differ from another kernel's.
 
-Supported quantized types: Q4_0, Q5_0, Q8_0, Q4_K, Q6_K (what the default pair's files hold);
+Supported quantized types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K (the default pair's files hold
+Q4_K, Q6_K, Q5_0 and Q8_0; SmolLM2's Q4_1);
 float tensors (F32, F16, BF16) load as float weights. A linear layer of another type is refused
 with one line naming the tensor and its type (`dequantize=True` loads any type transformers reads,
 as float weights). The token embedding is dequantized once to the activations' dtype.
@@ -32,7 +33,7 @@ from .errors import LoadError
 from .forms import QuantLinear
 from .machine import machine
 
-SUPPORTED = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
+SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}

@@ -19,7 +19,7 @@ from tiny import gguf_types, quantize_q4_k, quantize_q6_k, save_random, write_gg
 PACK = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
 # Every supported type somewhere in the model, as in the default pair's files (Q4_K_M and the draft's mix).
 MIX = {"attn_q": "Q4_K", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_0",
-       "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output.weight": "Q6_K", "token_embd": "Q4_K"}
+       "ffn_up": "Q4_1", "ffn_down": "Q6_K", "output.weight": "Q5_1", "token_embd": "Q4_K"}
 SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # K-quants: 256s
 PROMPT = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(9)).tolist()
 
@@ -63,7 +63,7 @@ def quantized_pair(tmp_path_factory):
 def test_a_quantized_gguf_model_keeps_its_blocks(quantized_pair):
     target = minitree.load(quantized_pair[0])
     layer = target.model.layers[0]
-    assert isinstance(target.lm_head, GGUFLinear) and target.lm_head.kind == "gguf-Q6_K"
+    assert isinstance(target.lm_head, GGUFLinear) and target.lm_head.kind == "gguf-Q5_1"
     assert [m.kind for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.gate_proj)] == \
         ["gguf-Q4_K", "gguf-Q8_0", "gguf-Q5_0"]
     assert layer.self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases, beside the blocks
@@ -153,10 +153,10 @@ def test_settings_of_a_quantized_model(quantized_pair):
 
 def test_unsupported_types_are_one_clear_error(tmp_path, quantized_pair):
     hf = save_random(tmp_path / "m", "qwen2", seed=5, tie_word_embeddings=False, **SIZES)
-    write_gguf(hf, tmp_path / "q41.gguf", gguf_types({"ffn_up": "Q4_1"}))
-    with pytest.raises(minitree.LoadError, match=r"tensor blk\.0\.ffn_up\.weight has GGUF type Q4_1.*--dequantize"):
-        minitree.load(tmp_path / "q41.gguf")
-    assert isinstance(minitree.load(tmp_path / "q41.gguf", dequantize=True).model.layers[0].mlp.up_proj,
+    write_gguf(hf, tmp_path / "q51.gguf", gguf_types({"ffn_up": "Q5_1", "ffn_gate": "TQ2_0"}))
+    with pytest.raises(minitree.LoadError, match=r"tensor blk\.0\.ffn_gate\.weight has GGUF type TQ2_0.*--dequantize"):
+        minitree.load(tmp_path / "q51.gguf")
+    assert isinstance(minitree.load(tmp_path / "q51.gguf", dequantize=True).model.layers[0].mlp.gate_proj,
                       torch.nn.Linear)
     with pytest.raises(minitree.EngineError, match="holds gguf-"):
         minitree.quantize(minitree.load(quantized_pair[0]), "int8")

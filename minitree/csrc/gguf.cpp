@@ -6,6 +6,8 @@
 //
 // Formats (ggml's; k-quants in super-blocks of 256 weights, the others in blocks of 32):
 //   Q4_0: fp16 d, 16 bytes of 4-bit q:                           w = d * (q - 8)
+//   Q4_1: fp16 d, fp16 m, 16 bytes of 4-bit q:                   w = d * q + m
+//   Q5_1: fp16 d, fp16 m, 32 high bits, 16 bytes of low 4 bits:  w = d * q + m
 //   Q5_0: fp16 d, 32 high bits, 16 bytes of low 4 bits:          w = d * (q - 16)
 //   Q8_0: fp16 d, 32 int8 q:                                     w = d * q
 //   Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit q:
@@ -99,7 +101,7 @@ static const Spread SPREAD;
 // A format: bytes and weights per block; `head(block)`: what its weights share (scales), decoded once
 // per block; `chunk(block, head, c, w)`: the c-th 64 weights (or the whole 32-weight block) as 4 (or
 // 2) vectors of 16 fp32 weights.
-enum Type { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum Type { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
 struct FQ4_K {
   static constexpr int bytes = 144, weights = 256, chunk_weights = 64;
@@ -171,6 +173,33 @@ struct FQ5_0 {
     const B qs = bload(b + 6);
     w[0] = vaffine(vu8(B(qs & 0xF) | h0), h.d, -16.0f * h.d);
     w[1] = vaffine(vu8(B(qs >> 4) | h1), h.d, -16.0f * h.d);
+  }
+};
+
+struct FQ4_1 {
+  static constexpr int bytes = 20, weights = 32, chunk_weights = 32;
+  struct Head { float d, m; };
+  static inline Head head(const uint8_t* b) { return {fp16(b), fp16(b + 2)}; }
+  static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
+    const B qs = bload(b + 4);
+    w[0] = vaffine(vu8(B(qs & 0xF)), h.d, h.m);
+    w[1] = vaffine(vu8(B(qs >> 4)), h.d, h.m);
+  }
+};
+
+struct FQ5_1 {
+  static constexpr int bytes = 24, weights = 32, chunk_weights = 32;
+  struct Head { float d, m; };
+  static inline Head head(const uint8_t* b) { return {fp16(b), fp16(b + 2)}; }
+  static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
+    uint64_t high[4];
+    for (int i = 0; i < 4; ++i) high[i] = SPREAD.t[b[4 + i]];
+    B h0, h1;
+    std::memcpy(&h0, high, 16);
+    std::memcpy(&h1, high + 2, 16);
+    const B qs = bload(b + 8);
+    w[0] = vaffine(vu8(B(qs & 0xF) | h0), h.d, h.m);
+    w[1] = vaffine(vu8(B(qs >> 4) | h1), h.d, h.m);
   }
 };
 
@@ -439,6 +468,8 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t type, int64_t K) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "gguf dequantize: w [O, bytes] uint8");
   switch (type) {
     case Q4_0: return dequantize<FQ4_0>(w, K);
+    case Q4_1: return dequantize<FQ4_1>(w, K);
+    case Q5_1: return dequantize<FQ5_1>(w, K);
     case Q5_0: return dequantize<FQ5_0>(w, K);
     case Q8_0: return dequantize<FQ8_0>(w, K);
     case Q4_K: return dequantize<FQ4_K>(w, K);
@@ -456,6 +487,8 @@ torch::Tensor gguf_mm(torch::Tensor x, torch::Tensor w, int64_t type) {
 #endif
   switch (type) {
     case Q4_0: return mm<FQ4_0>(x, w);
+    case Q4_1: return mm<FQ4_1>(x, w);
+    case Q5_1: return mm<FQ5_1>(x, w);
     case Q5_0: return mm<FQ5_0>(x, w);
     case Q8_0: return mm<FQ8_0>(x, w);
     case Q4_K: return mm<FQ4_K>(x, w);
