@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import minitree
+from reference import plain
 from tiny import save_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +33,9 @@ def test_json_tokens_equal_plain_greedy(pair_dirs):
     out = json.loads(proc.stdout)
     target = minitree.load(target_dir)
     ids = target.tokenizer(PROMPT).input_ids
-    plain = minitree.Engine(target, compile=False, attention="sdpa", max_seq_len=256).generate(ids, 48).tokens
-    assert out["tokens"] == plain
-    assert out["text"] == target.tokenizer.decode(plain)
+    reference = plain(target, ids, 48, max_seq_len=256)
+    assert out["tokens"] == reference
+    assert out["text"] == target.tokenizer.decode(reference)
     assert out["stats"]["new_tokens"] == 48 and out["stats"]["tau"] > 1
 
 
