@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,9 @@ def kernels():
     torch in ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
     from torch.utils import cpp_extension
     isa = hashlib.sha1(" ".join(machine()["isa"]).encode()).hexdigest()[:8]
+    scripts = sysconfig.get_path("scripts")  # pip's ninja, also when its virtual environment is not activated
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     print("building minitree's GGUF kernels for this CPU (once, about a minute)", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name=f"minitree_gguf_{isa}", sources=[str(CSRC)], is_python_module=False,
