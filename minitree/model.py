@@ -86,7 +86,9 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
 
     def forward(self, x, cos, sin, slots, kv_cache, mask: TreeMask):
-        # x [1, T, dim]; kv_cache [2, 1, H_kv, S, D] (this layer's view of the cache)
+        # x [1, T, dim]; kv_cache: this layer's (keys, values), each [1, H_kv, S, D]. Two inputs written
+        # in place: had the layer been given one [2, ...] tensor and written its halves, Inductor
+        # would copy the whole cache around every write (README, "Compilation").
         T = x.shape[1]
         q = self.q_proj(x).view(1, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(1, T, self.n_kv_heads, self.head_dim)
@@ -95,9 +97,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [1, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv_cache[0].index_copy_(2, slots, k)
-        kv_cache[1].index_copy_(2, slots, v)
-        y = attend(q, kv_cache[0], kv_cache[1], slots, mask)  # [1, H, T, D]
+        keys, values = kv_cache
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        y = attend(q, keys, values, slots, mask)  # [1, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
 
 
@@ -156,5 +159,5 @@ class Transformer(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(tokens)[None]  # [1, T, dim]
         for layer, layer_cache in zip(self.model.layers, kv_cache):
-            x = layer(x, cos, sin, slots, layer_cache, mask)
+            x = layer(x, cos, sin, slots, layer_cache.unbind(0), mask)  # (keys, values)
         return self.lm_head(self.model.norm(x[0])) if logits else x[0]

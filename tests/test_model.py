@@ -11,6 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import minitree
+from minitree.attention import BLOCK, TreeMask
 from reference import causal
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -73,6 +74,22 @@ def test_compiled_code_is_cached_per_vector_width(family_dirs):
 
     assert width() == str(pick_vec_isa().bit_width())
     assert width(ATEN_CPU_CAPABILITY="avx2") == "256"  # differs from the native width on AVX-512 CPUs
+
+
+def test_compiled_layers_write_the_cache_in_place(family_dirs):
+    """A compiled layer writes its keys and values where they are: its code allocates no buffer of the
+    cache's length. A layer given one [2, ...] cache tensor, whose halves it wrote, got copies of the
+    whole cache on every forward (five per layer, at S slots each: a one-row step cost grew with S)."""
+    from torch._inductor.utils import run_and_get_code
+    slots_in_cache = 5 * BLOCK  # a cache length no other test compiles, so that Inductor runs here
+    runner = minitree.Runner(minitree.load(family_dirs["qwen2"]), plan="none", cache_len=slots_in_cache)
+    mask, slots = TreeMask.causal(3, "cpu"), torch.arange(200, 203)
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(runner, torch.tensor([5, 6, 7]), slots, slots, mask.q_node, mask.base,
+                                   mask.anc_bits)
+    allocations = [line for line in "\n".join(code).splitlines() if "empty_strided" in line]
+    assert allocations, "no compiled code was captured"
+    assert not [line for line in allocations if f", {slots_in_cache}, " in line]
 
 
 def test_sampled_plain_decoding_is_seeded(family_dirs):
