@@ -18,6 +18,9 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 // 16 fp32 lanes: one AVX-512 register, two AVX2 ones, or a plain array.
 #if defined(__AVX512F__)
@@ -80,10 +83,14 @@ static inline V vu8(B b) { return vu8(reinterpret_cast<__m128i>(b)); }
 static inline V vi8(B b) { return vi8(reinterpret_cast<__m128i>(b)); }
 #endif
 
-static inline float fp16(const uint8_t* p) {
+static inline float fp16(const uint8_t* p) {  // every block's scales start from one or two of these
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; c10::Half's portable conversion costs a dozen
+#else
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
 }
 
 // byte i of SPREAD[v] is bit i of v, moved to bit 4 (Q5_0's fifth bit).
@@ -268,17 +275,17 @@ static inline __m512 dot(__m512i x, __m512i w) {  // 16 fp32 sums of 2 products 
   return _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
 }
 
-// Q4_K's 8 scales and 8 mins of a block as fp32 vectors: d * sc[j], -dmin * m[j] (ggml's unpacking).
+// Q4_K's 8 scales and 8 mins of a block as fp32 vectors: d * sc[j], -dmin * m[j]. ggml's unpacking
+// of the 12 bytes (32-bit words u0, u1, u2) into the 8 scales (bytes of words 0, 1) and the 8 mins
+// (words 2, 3), in registers:
+//   0: u0 & m1    1: (u2 & m2) | ((u0 >> 6) & m3) << 4    2: u1 & m1    3: ((u2 >> 4) & m2) | ((u1 >> 6) & m3) << 4
 static inline void q4_k_head(const uint8_t* b, __m256& scale, __m256& low) {
-  uint32_t u[4];
-  std::memcpy(u, b + 4, 12);
-  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-  const uint32_t mins_low = u[1] & m1;
-  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-  u[2] = mins_low;
-  u[0] &= m1;  // bytes of u[0..1]: the 8 scales; of u[2..3]: the 8 mins
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));  // u0 u1 u2 (and 4 bytes of q)
+  const __m128i m1 = _mm_set1_epi32(0x3f3f3f3f), m2 = _mm_set1_epi32(0x0f0f0f0f);
+  const __m128i x = _mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), y = _mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0));
+  const __m128i lowbits = _mm_and_si128(_mm_srlv_epi32(x, _mm_set_epi32(4, 0, 0, 0)), _mm_unpacklo_epi32(m1, m2));
+  const __m128i highbits = _mm_and_si128(_mm_srli_epi32(y, 2), _mm_set_epi32(0x30303030, 0, 0x30303030, 0));
+  const __m128i bytes = _mm_or_si128(lowbits, highbits);
   scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(fp16(b)));
   low = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), _mm256_set1_ps(-fp16(b + 2)));
 }
@@ -315,8 +322,9 @@ template <int NR>
 static inline void bf16_q6_k(const uint8_t* b, const uint16_t* x, int64_t K, const __m512i& lut,
                              const __m512i& lut_high, __m512* acc) {
   constexpr int A = ACCS<NR>;
-  const FQ6_K::Head h = FQ6_K::head(b);
-  const __m512 scales = _mm512_loadu_ps(h.scale);
+  const __m512 scales = _mm512_mul_ps(  // d * sc[j], j < 16
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))),
+      _mm512_set1_ps(fp16(b + 208)));
   const __m512i nib = _mm512_set1_epi16(0xF), two = _mm512_set1_epi16(0x30);
   for (int half = 0; half < 2; ++half) {
     const __m512i qh = words(b + 128 + 32 * half);
