@@ -78,7 +78,7 @@ def probe_key(model, lossy: bool = False) -> str:
                      threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
                      shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
                             model.lm_head.out_features],
-                     quantized=quant_kinds(model), settings=settings(model, lossy), rows=ROWS,
+                     quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=ROWS,
                      fp32_packed=packs(torch.float32))
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 

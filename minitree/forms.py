@@ -100,8 +100,10 @@ def packed_linear_bias(x, packed, bias):
 
 class QuantLinear(nn.Module):
     """A linear layer whose weights are held quantized, used at every row count by its own kernel
-    (`forward`), and dequantized exactly (in fp32) on request. `kind` names the format."""
+    (`forward`), and dequantized exactly (in fp32) on request. `kind` names the format; `code` the
+    kernel's version, where it has one of its own (costs measured with another are measured again)."""
     kind: str
+    code: str = ""
     dtype: torch.dtype  # the activations' dtype
     in_features: int
     out_features: int
@@ -270,6 +272,8 @@ def restrict_vocab(model: nn.Module, k: int) -> nn.Module:
     return model
 
 
-def quant_kinds(model: nn.Module) -> list[str]:
-    """The quantized formats a model's linear layers hold (empty for a float model)."""
-    return sorted({m.kind for m in model.modules() if isinstance(m, QuantLinear)})
+def quant_kinds(model: nn.Module, code: bool = False) -> list[str]:
+    """The quantized formats a model's linear layers hold (empty for a float model); with `code`,
+    each with its kernel's version."""
+    return sorted({m.kind + (f"@{m.code}" if code and m.code else "") for m in model.modules()
+                   if isinstance(m, QuantLinear)})

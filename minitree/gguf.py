@@ -69,6 +69,12 @@ def kernels():
     return torch.ops.minitree_gguf
 
 
+@functools.lru_cache(maxsize=None)
+def source_version() -> str:
+    """The kernels' source, hashed (a GGUFLinear's `code`)."""
+    return hashlib.sha1(CSRC.read_bytes()).hexdigest()[:12]
+
+
 class GGUFLinear(QuantLinear):
     """A linear layer on a GGUF tensor's own blocks: rows [out, bytes per row] of `kind` (a ggml type)."""
 
@@ -76,6 +82,7 @@ class GGUFLinear(QuantLinear):
                  dtype: torch.dtype):
         super().__init__()
         self.kind, self.qtype, self.dtype = f"gguf-{kind}", int(getattr(_types(), kind)), dtype
+        self.code = source_version()
         self.out_features, self.in_features = blocks.shape[0], in_features
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)

@@ -10,7 +10,7 @@ from gguf.quants import dequantize, quantize
 
 import minitree
 import minitree.accept
-from minitree.costs import ROWS, Plan, settings
+from minitree.costs import ROWS, Plan, probe_key, settings
 from minitree.gguf import SUPPORTED, GGUFLinear
 from reference import causal, plain
 from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
@@ -149,6 +149,19 @@ def test_settings_of_a_quantized_model(quantized_pair):
     model = minitree.load(quantized_pair[1], dtype=torch.bfloat16)
     found = settings(minitree.Runner(model, compile=False, plan="none", lossy=True).model, lossy=True)
     assert {"native", "gemv", "fp32", "int8", "int4"} <= set(found)
+
+
+def test_costs_are_measured_again_for_other_kernels(quantized_pair):
+    """The probe's cache key names the GGUF kernels' source version: costs measured with an older
+    kernel are not reused after an upgrade."""
+    model = minitree.Runner(minitree.load(quantized_pair[1], dtype=torch.bfloat16), compile=False,
+                            plan="none").model
+    key = probe_key(model)
+    assert probe_key(model) == key
+    for m in model.modules():
+        if isinstance(m, GGUFLinear):
+            m.code = "another version"
+    assert probe_key(model) != key
 
 
 def test_unsupported_types_are_one_clear_error(tmp_path, quantized_pair):
