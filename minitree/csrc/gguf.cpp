@@ -254,11 +254,18 @@ static void columns(const uint8_t* w, int64_t row_bytes, const float* x, int64_t
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// bf16 activations on a CPU with AVX512_BF16: weights are decoded to bf16 integers through a
-// table (exact: |q| < 256), multiplied with the bf16 activations 32 pairs per instruction into fp32
-// (vdpbf16ps: exact products, fp32 sums), and each sub-block's sum scaled in fp32. The weights
-// are the same values as above; only the summation order differs. Q4_K's mins multiply the
-// activations' sums over each 32-column group (xs, fp32).
+// bf16 activations on a CPU with AVX512_BF16: each weight's small integer is turned into a bf16
+// value, multiplied with the bf16 activations 32 pairs per instruction into fp32 (vdpbf16ps: exact
+// products, fp32 sums), and each sub-block's sum is scaled in fp32. The weights are the same values
+// as above; only the summation order differs.
+//   Q6_K: q - 32 through a table of bf16 words.
+//   Q4_K: 64 bytes of nibbles (128 weights) are read as 32 16-bit words, and each word's four
+//   nibbles are moved by shifts into bf16(16 + q) = 0x4180 | q << 3 (exact; no widening, no table):
+//   four vectors of weights, each the even or odd elements of one sub-block per 256-bit half. The
+//   activations are permuted once per call to the same order (`q4_k_order`). The 16 added to every
+//   weight is taken back with the activations' sums over each sub-block (xs), which the mins
+//   multiply anyway; the biased sums are about twice as large, so they round a little coarser in
+//   fp32, far below the bf16 output's rounding.
 #define BF16_PATH 1
 
 static inline __m512i table(int offset) {  // bf16 words of offset, offset + 1, ..., offset + 31
@@ -294,26 +301,51 @@ static inline void q4_k_head(const uint8_t* b, __m256& scale, __m256& low) {
 template <int NR>
 static constexpr int ACCS = NR >= 4 ? 1 : 4 / NR;
 
+static inline __m512i bits_or(__m512i a, __m512i mask, __m512i c) {  // (a & mask) | c, one instruction
+  return _mm512_ternarylogic_epi32(a, mask, c, 0xEA);
+}
+
+// The index of activation k of a Q4_K row in the order its weights are decoded: per 128 weights
+// (chunks of 64: sub-block 2c in the low nibbles, 2c + 1 in the high ones), four vectors of 32 —
+// low nibbles of even bytes, of odd bytes, high nibbles of even bytes, of odd bytes — each holding
+// 16 of the first chunk, then 16 of the second.
+static inline int64_t q4_k_order(int64_t k) {
+  const int64_t group = k / 128, chunk = k / 64 % 2, in_chunk = k % 64;
+  const int64_t high = in_chunk / 32, odd = in_chunk % 2, pair = in_chunk % 32 / 2;
+  return 128 * group + 32 * (2 * high + odd) + 16 * chunk + pair;
+}
+
 template <int NR>
 static inline void bf16_q4_k(const uint8_t* b, const uint16_t* x, int64_t K, const float* xs, int64_t ldxs,
-                             const __m512i& lut, __m512* acc, __m256* shift) {  // lut: 0..31
+                             __m512* acc, __m512* shift) {  // x in q4_k_order
   constexpr int A = ACCS<NR>;
   __m256 scale, low;
   q4_k_head(b, scale, low);
-  alignas(32) float sc[8];
-  _mm256_store_ps(sc, scale);
-  for (int r = 0; r < NR; ++r) shift[r] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xs + r * ldxs), shift[r]);
-  const __m512i nib = _mm512_set1_epi16(0xF);
-  for (int c = 0; c < 4; ++c) {  // 64 weights: sub-block 2c (low nibbles), 2c + 1 (high nibbles)
-    const __m512i q = words(b + 16 + 32 * c);
-    const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(q, nib), lut);
-    const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), lut);
-    const __m512 s_lo = _mm512_set1_ps(sc[2 * c]), s_hi = _mm512_set1_ps(sc[2 * c + 1]);
+  const __m512 offset = _mm512_zextps256_ps512(_mm256_fnmadd_ps(scale, _mm256_set1_ps(16.0f), low));  // min - 16 scale
+  for (int r = 0; r < NR; ++r)
+    shift[r] = _mm512_fmadd_ps(offset, _mm512_zextps256_ps512(_mm256_loadu_ps(xs + r * ldxs)), shift[r]);
+  const __m512 scales = _mm512_zextps256_ps512(scale);
+  const __m512i nib = _mm512_set1_epi16(0x78), bias = _mm512_set1_epi16(0x4180);  // q << 3 | bf16(16)
+  for (int p = 0; p < 2; ++p) {  // 128 weights: chunks 2p and 2p + 1, sub-blocks 4p .. 4p + 3
+    const __m512i q = _mm512_loadu_si512(b + 16 + 64 * p);
+    const __m512i even_lo = bits_or(_mm512_slli_epi16(q, 3), nib, bias), odd_lo = bits_or(_mm512_srli_epi16(q, 5), nib, bias);
+    const __m512i even_hi = bits_or(_mm512_srli_epi16(q, 1), nib, bias), odd_hi = bits_or(_mm512_srli_epi16(q, 9), nib, bias);
+    const int j = 4 * p;  // the low nibbles: sub-blocks j (lanes 0-7), j + 2 (lanes 8-15); the high ones: j + 1, j + 3
+    const __m512 s_lo = _mm512_permutexvar_ps(
+        _mm512_set_epi32(j + 2, j + 2, j + 2, j + 2, j + 2, j + 2, j + 2, j + 2, j, j, j, j, j, j, j, j), scales);
+    const __m512 s_hi = _mm512_permutexvar_ps(
+        _mm512_set_epi32(j + 3, j + 3, j + 3, j + 3, j + 3, j + 3, j + 3, j + 3, j + 1, j + 1, j + 1, j + 1, j + 1,
+                         j + 1, j + 1, j + 1), scales);
     for (int r = 0; r < NR; ++r) {
-      const uint16_t* xr = x + r * K + 64 * c;
-      __m512& a = acc[r * A + c % A];
-      a = _mm512_fmadd_ps(dot(_mm512_loadu_si512(xr), lo), s_lo, a);
-      a = _mm512_fmadd_ps(dot(_mm512_loadu_si512(xr + 32), hi), s_hi, a);
+      const uint16_t* xr = x + r * K + 128 * p;
+      const __m512 lo = _mm512_dpbf16_ps(dot(_mm512_loadu_si512(xr), even_lo),
+                                         reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + 32)),
+                                         reinterpret_cast<__m512bh>(odd_lo));
+      const __m512 hi = _mm512_dpbf16_ps(dot(_mm512_loadu_si512(xr + 64), even_hi),
+                                         reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + 96)),
+                                         reinterpret_cast<__m512bh>(odd_hi));
+      __m512& a = acc[r * A + p % A];
+      a = _mm512_fmadd_ps(hi, s_hi, _mm512_fmadd_ps(lo, s_lo, a));
     }
   }
 }
@@ -348,32 +380,29 @@ static inline void bf16_q6_k(const uint8_t* b, const uint16_t* x, int64_t K, con
   }
 }
 
-// Output columns o0..o1 for NR bf16 activation rows (row stride K).
+// Output columns o0..o1 for NR bf16 activation rows (row stride K; Q4_K: in q4_k_order, with xs).
 template <int NR, bool Q4K>
 static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x, int64_t K, const float* xs,
                          c10::BFloat16* y, int64_t ldy, int64_t o0, int64_t o1) {
   constexpr int A = ACCS<NR>;
-  const __m512i lut = Q4K ? table(0) : table(-32), lut_high = table(0);
+  const __m512i lut = table(-32), lut_high = table(0);
   const int64_t blocks = K / 256, ldxs = K / 32;
   const int bytes = Q4K ? FQ4_K::bytes : FQ6_K::bytes;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* b = w + o * row_bytes;
-    __m512 acc[NR * A];
-    __m256 shift[NR];
+    __m512 acc[NR * A], shift[NR];
     for (int r = 0; r < NR; ++r) {
-      shift[r] = _mm256_setzero_ps();
+      shift[r] = _mm512_setzero_ps();
       for (int a = 0; a < A; ++a) acc[r * A + a] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < blocks; ++i, b += bytes) {
-      if constexpr (Q4K) bf16_q4_k<NR>(b, x + 256 * i, K, xs + 8 * i, ldxs, lut, acc, shift);
+      if constexpr (Q4K) bf16_q4_k<NR>(b, x + 256 * i, K, xs + 8 * i, ldxs, acc, shift);
       else bf16_q6_k<NR>(b, x + 256 * i, K, lut, lut_high, acc);
     }
     for (int r = 0; r < NR; ++r) {
       __m512 sum = acc[r * A];
       for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r * A + a]);
-      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(shift[r]), _mm256_extractf128_ps(shift[r], 1));
-      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-      y[r * ldy + o] = c10::BFloat16(_mm512_reduce_add_ps(sum) + _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))));
+      y[r * ldy + o] = c10::BFloat16(_mm512_reduce_add_ps(sum) + (Q4K ? _mm512_reduce_add_ps(shift[r]) : 0.0f));
     }
   }
 }
@@ -404,6 +433,10 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
     xs[g] = sum;
   }
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
+  std::vector<uint16_t> ordered(Q4K ? R * K : 0);  // Q4_K: the activations in the order of its weights
+  for (int64_t r = 0; r < (Q4K ? R : 0); ++r)
+    for (int64_t k = 0; k < K; ++k) ordered[r * K + q4_k_order(k)] = xp[r * K + k];
+  if (Q4K) xp = ordered.data();
   const float* xsp = xs.data();
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
