@@ -105,6 +105,14 @@ struct Spread {
 };
 static const Spread SPREAD;
 
+// The fifth bits of 32 weights (Q5_0, Q5_1: 4 bytes at p), at bit 4 of a byte each: weights 0-15, 16-31.
+static inline void fifth_bits(const uint8_t* p, B& h0, B& h1) {
+  uint64_t high[4];
+  for (int i = 0; i < 4; ++i) high[i] = SPREAD.t[p[i]];
+  std::memcpy(&h0, high, 16);
+  std::memcpy(&h1, high + 2, 16);
+}
+
 // A format: bytes and weights per block; `head(block)`: what its weights share (scales), decoded once
 // per block; `chunk(block, head, c, w)`: the c-th 64 weights (or the whole 32-weight block) as 4 (or
 // 2) vectors of 16 fp32 weights.
@@ -172,11 +180,8 @@ struct FQ5_0 {
   struct Head { float d; };
   static inline Head head(const uint8_t* b) { return {fp16(b)}; }
   static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
-    uint64_t high[4];
-    for (int i = 0; i < 4; ++i) high[i] = SPREAD.t[b[2 + i]];
     B h0, h1;
-    std::memcpy(&h0, high, 16);
-    std::memcpy(&h1, high + 2, 16);
+    fifth_bits(b + 2, h0, h1);
     const B qs = bload(b + 6);
     w[0] = vaffine(vu8(B(qs & 0xF) | h0), h.d, -16.0f * h.d);
     w[1] = vaffine(vu8(B(qs >> 4) | h1), h.d, -16.0f * h.d);
@@ -199,11 +204,8 @@ struct FQ5_1 {
   struct Head { float d, m; };
   static inline Head head(const uint8_t* b) { return {fp16(b), fp16(b + 2)}; }
   static inline void chunk(const uint8_t* b, const Head& h, int, V* w) {
-    uint64_t high[4];
-    for (int i = 0; i < 4; ++i) high[i] = SPREAD.t[b[4 + i]];
     B h0, h1;
-    std::memcpy(&h0, high, 16);
-    std::memcpy(&h1, high + 2, 16);
+    fifth_bits(b + 4, h0, h1);
     const B qs = bload(b + 8);
     w[0] = vaffine(vu8(B(qs & 0xF) | h0), h.d, h.m);
     w[1] = vaffine(vu8(B(qs >> 4) | h1), h.d, h.m);
