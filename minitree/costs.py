@@ -56,8 +56,8 @@ def form_layers(module) -> list[FormLinear]:
 def settings(model, lossy: bool = False) -> list[str]:
     """Kernel settings worth timing for a runner's model (forms.py): the weights as loaded; for
     half-precision weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs that
-    dtype; elsewhere a plain dequantized copy of quantized layers) and fp32 copies; lossy int8/int4 copies
-    where the runner may approximate (a draft)."""
+    dtype; elsewhere a plain dequantized copy of quantized layers) and fp32 copies; AMX tiles where
+    some quantized layer has them; lossy int8/int4 copies where the runner may approximate (a draft)."""
     w = model.model.embed_tokens.weight
     found = ["native"]
     cpu = w.device.type == "cpu"
@@ -65,6 +65,8 @@ def settings(model, lossy: bool = False) -> list[str]:
         found.append("gemv")
         if packs(w.dtype):  # packed copies serve every row count a plain dequantized copy would, cheaper
             found += ["packed", "fp32"]
+            if any(m.quantized and m.source.tiled for m in form_layers(model)):
+                found.append("tiles")
         else:
             found += ["float", "fp32"] if any(m.quantized for m in form_layers(model)) else ["fp32"]
     if lossy and cpu:

@@ -19,6 +19,8 @@ Kernel settings, and the form each layer uses for them:
           cost far less in fp32; the same weights at higher precision, the output cast back
   int8    lossy: weight-only int8, one scale per output channel (drafts only: a draft proposes)
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
+  tiles   a quantized layer that can (GGUF Q4_K/Q6_K on a CPU with AMX): its blocks regrouped by 16
+          outputs for AMX tile multiplies, the same weights exactly; other layers use "packed"
 
 Every form but the lossy ones computes with the model's own weights; kernels and precisions
 differ, so bf16 rounds differently from one to another (README, "bf16 and exactness").
@@ -105,6 +107,7 @@ class QuantLinear(nn.Module):
     kind: str
     code: str = ""
     dtype: torch.dtype  # the activations' dtype
+    tiled: bool = False  # whether tile() and tiled_forward() serve it (the "tiles" form)
     in_features: int
     out_features: int
     bias: torch.Tensor | None
@@ -175,6 +178,8 @@ class FormLinear(nn.Module):
         """The form this layer uses for a kernel setting (module docstring)."""
         if setting in ("gemv", "float"):
             return "float" if self.quantized else "native"
+        if setting == "tiles":
+            return "tiles" if self.source.tiled else "packed"
         return setting
 
     def serve(self, rows: dict[str, frozenset]) -> None:
@@ -186,7 +191,7 @@ class FormLinear(nn.Module):
     def copies(self) -> dict[str, list[torch.Tensor]]:
         """The copies made so far: form -> its tensors."""
         names = dict(float=("weight_float",), packed=("packed",), fp32=("weight32", "bias32"),
-                     int8=("qweight", "scale"), int4=("qweight4", "scales_zeros"))
+                     int8=("qweight", "scale"), int4=("qweight4", "scales_zeros"), tiles=("tiles",))
         return {form: [getattr(self, n) for n in ns if getattr(self, n, None) is not None]
                 for form, ns in names.items() if hasattr(self, ns[0])}
 
@@ -212,6 +217,8 @@ class FormLinear(nn.Module):
             self.qweight, self.scale = int8_weights(self.float_weight())
         elif form == "int4":
             self.qweight4, self.scales_zeros = int4_weights(self.float_weight())
+        elif form == "tiles":
+            self.tiles = self.source.tile()
         else:
             raise ValueError(f"unknown weight form {form!r}")
 
@@ -226,6 +233,8 @@ class FormLinear(nn.Module):
         if form == "fp32":
             linear = packed_linear_bias if self.packed32 else F.linear
             return linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+        if form == "tiles":
+            return self.source.tiled_forward(x, self.tiles)
         if form == "int8":
             return int8_linear(x, self.qweight, self.scale, self.bias)
         return int4_linear(x, self.qweight4, self.scales_zeros, self.bias)

@@ -14,7 +14,9 @@ with one line naming the tensor and its type (`dequantize=True` loads any type t
 as float weights). The token embedding is dequantized once to the activations' dtype.
 
 Runners may serve some row counts from a dequantized copy instead (forms.py: "float", "packed",
-"gemv"; bf16 rounds the weights to 8 significant bits) where the plan measured that cheaper.
+"gemv"; bf16 rounds the weights to 8 significant bits), or, on a CPU with AMX, Q4_K and Q6_K from
+the blocks regrouped for its tiles ("tiles": the same weights, exactly), where the plan measured
+that cheaper.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def kernels():
         raise LoadError(f"building the GGUF kernels failed ({first}); they need a C++ compiler (g++) and "
                         f"ninja; or load the file dequantized (--dequantize)") from None
     torch.library.register_fake("minitree_gguf::mm")(lambda x, w, kind: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("minitree_gguf::tiled_mm")(lambda x, t, kind: x.new_empty(x.shape[0], 16 * t.shape[0]))
     return torch.ops.minitree_gguf
 
 
@@ -86,7 +89,7 @@ class GGUFLinear(QuantLinear):
         self.out_features, self.in_features = blocks.shape[0], in_features
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.mm = kernels().mm
+        self.mm, self.tiled_mm = kernels().mm, kernels().tiled_mm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -95,6 +98,21 @@ class GGUFLinear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         return kernels().dequantize(self.blocks, self.qtype, self.in_features)
+
+    @property
+    def tiled(self) -> bool:
+        """Q4_K and Q6_K with bf16 activations on a CPU with AMX: `tile` and `tiled_forward` serve many rows."""
+        return (self.kind in ("gguf-Q4_K", "gguf-Q6_K") and self.dtype == torch.bfloat16
+                and self.out_features % 16 == 0 and kernels().amx())
+
+    def tile(self) -> torch.Tensor:
+        """The blocks regrouped by 16 output rows for AMX tiles (the same bytes, rearranged)."""
+        return kernels().tile(self.blocks, self.qtype, self.in_features)
+
+    def tiled_forward(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        y = self.tiled_mm(x.reshape(rows, -1), tiles, self.qtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 @functools.lru_cache(maxsize=None)

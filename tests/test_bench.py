@@ -81,3 +81,21 @@ def test_bench_cost_only_predicts_from_an_acceptance_profile(pair_dirs, tmp_path
     assert r["step_ms"] == pytest.approx(step) and r["tokens_per_s"] == pytest.approx(1e3 * 2.25 / step)
     missing = bench("--cost-only", "--checkpoint", tmp_path, check=False)
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: --cost-only needs")
+
+
+def test_llama_cpp_crash_is_named(tmp_path):
+    """A llama.cpp build that dies by a signal (its AMX path did, on prompts) fails with one line naming
+    the signal and the remedy, not with the last log line it happened to print."""
+    from types import SimpleNamespace
+
+    from minitree.bench.systems import LlamaCppSystem
+    from minitree.errors import EngineError
+    binary = tmp_path / "build" / "bin" / "llama-completion"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\necho 'llama threadpool init, n_threads = 2' >&2\nkill -SEGV $$\n")
+    binary.chmod(0o755)
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "def f():")
+    args = SimpleNamespace(threads=2, max_seq_len=64, eos_token_ids=[0])
+    system = LlamaCppSystem("llama.cpp", tmp_path / "build", tmp_path / "t.gguf", None, tokenizer, args)
+    with pytest.raises(EngineError, match=r"llama.cpp failed: killed by SIGSEGV after: llama threadpool init.*AMX"):
+        system([1, 2], 4)

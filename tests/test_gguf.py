@@ -47,6 +47,30 @@ def test_kernels_read_every_type_exactly(kind):
         torch.testing.assert_close(y.double(), exact, rtol=1 / 128, atol=1e-3 * exact.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_tiled_kernels_read_every_weight_exactly(kind):
+    """On a CPU with AMX: the blocks regrouped for tiles give every weight exactly (the identity's
+    products, to bf16's last bit) and the products of many rows within bf16 output rounding, also past 16 rows
+    (tiles hold 16) and where the vector kernel's sums differ only in order."""
+    w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
+    blocks = packed(w, kind)
+    ref = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).copy())
+    layer = GGUFLinear(torch.from_numpy(blocks), kind, 512, None, torch.bfloat16)
+    if not layer.tiled:
+        pytest.skip("no AMX tiles on this CPU (lscpu: amx_bf16), or the kernels were built without them")
+    tiles = layer.tile()
+    assert tiles.shape[0] == 48 // 16 and tiles.numel() <= 1.03 * blocks.size  # the same bytes, regrouped
+    eye = torch.eye(512, dtype=torch.bfloat16)
+    weights = layer.tiled_forward(eye, tiles).float()  # each weight rounded once to bf16 (a tie may go either way)
+    torch.testing.assert_close(weights, ref.T, rtol=2 ** -8, atol=1e-7)
+    for rows in (1, 2, 5, 16, 17, 40):
+        x = torch.randn(1, rows, 512).bfloat16()
+        y = layer.tiled_forward(x, tiles)
+        exact = (x.double() @ ref.double().T)
+        torch.testing.assert_close(y.double(), exact, rtol=1 / 128, atol=1e-3 * exact.abs().max().item())
+        torch.testing.assert_close(y, layer(x), rtol=1 / 128, atol=1e-3 * exact.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def quantized_pair(tmp_path_factory):
     """A tiny Qwen2 target and draft as GGUF files holding every supported type; the target also as
@@ -149,6 +173,9 @@ def test_settings_of_a_quantized_model(quantized_pair):
     model = minitree.load(quantized_pair[1], dtype=torch.bfloat16)
     found = settings(minitree.Runner(model, compile=False, plan="none", lossy=True).model, lossy=True)
     assert {"native", "gemv", "fp32", "int8", "int4"} <= set(found)
+    target = minitree.Runner(minitree.load(quantized_pair[0], dtype=torch.bfloat16), compile=False, plan="none")
+    tiled = any(m.tiled for m in target.model.modules() if isinstance(m, GGUFLinear))
+    assert ("tiles" in settings(target.model)) == tiled  # its Q4_K/Q6_K layers, where AMX is
 
 
 def test_costs_are_measured_again_for_other_kernels(quantized_pair):

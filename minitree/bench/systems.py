@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import signal
 import subprocess
 import tempfile
 import threading
@@ -130,6 +131,10 @@ class LlamaCppSystem:
             run = subprocess.run(self.cmd + ["-bf", f.name, "-n", str(max_new)], capture_output=True, text=True)
         if run.returncode:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            if run.returncode < 0:  # a signal: its last line is whatever it printed before it
+                last = f"killed by {signal.Signals(-run.returncode).name} after: {last}"
+                if run.returncode == -signal.SIGSEGV:
+                    last += " (on a CPU with AMX, build it without its AMX path: README, \"llama.cpp beside minitree\")"
             raise EngineError(f"{self.name} failed: {last}")
         text, log = run.stdout, run.stderr
         if self.name.startswith("llama.cpp-spec"):  # it echoes the prompt first

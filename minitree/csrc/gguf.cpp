@@ -450,6 +450,235 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   });
   return y;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ---------------------------------------------------------------------------------------------
+// Q4_K and Q6_K on AMX tiles, for forwards of several rows (verify passes). One tile multiply
+// takes up to 16 activation rows' inputs of one sub-block (A: rows x 32 bf16 for Q4_K, 16 for
+// Q6_K, read straight from x) and the same sub-block of 16 output rows' weights (B: pairs of
+// weights per output, bf16, exact as above), giving the rows x 16 sub-block sums in fp32 (C);
+// each sum is then scaled by its output's sub-block scale in fp32, as in the vector kernel. So the
+// weights stay exact and only the summation order differs; the decoding is paid once for all rows.
+// B needs the weights of 16 outputs side by side, so `tile` repacks the file's blocks once into
+// groups of 16 outputs (the same bytes per weight, rearranged; the scales pre-unpacked for Q4_K):
+//   Q4_K group block (16 outputs x 256 weights, 2368 bytes): d[16], dmin[16] (fp16); sc[8][16],
+//     m[8][16] (6-bit, bytes); per sub-block j and pair row p < 8, 32 bytes: byte 2o + e holds
+//     weight 2p + e of output o in its low nibble and weight 2p + 16 + e in its high one.
+//   Q6_K group block (3360 bytes): d[16] (fp16); sc[16][16] (int8); per sub-block j (16 weights):
+//     4 x 32 bytes of low 4 bits (byte 2o + e of row p < 4: weight 2p + e low, 2p + 8 + e high), then
+//     2 x 32 bytes of high 2 bits (byte 2o + e of row h: weights 2(4h + t) + e at bits 2t).
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_PATH 1
+
+static bool amx() {  // Linux hands out the tile registers' state on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0, 3: C [R, 16 fp32]; 1, 4: A [R, S bf16]; 2, 5: B [S / 2 pairs, 16 pairs]; S: a sub-block's weights.
+static void configure_tiles(int R, int S) {
+  TileConfig c;
+  for (int t : {0, 3}) c.rows[t] = R, c.colsb[t] = 64;
+  for (int t : {1, 4}) c.rows[t] = R, c.colsb[t] = 2 * S;
+  for (int t : {2, 5}) c.rows[t] = S / 2, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// C = A B of one sub-block, stored to c (tile numbers are literals: gcc's intrinsics are macros).
+#define SUB_BLOCK_SUMS(C, A, Bt, a, lda, b, c) \
+  do {                                         \
+    _tile_loadd(A, a, lda);                    \
+    _tile_loadd(Bt, b, 64);                    \
+    _tile_zero(C);                             \
+    _tile_dpbf16ps(C, A, Bt);                  \
+    _tile_stored(C, c, 64);                    \
+  } while (0)
+
+static inline uint8_t q4_k_at(const uint8_t* b, int k) {  // weight k's 4-bit q in a Q4_K block
+  const uint8_t byte = b[16 + 32 * (k / 64) + k % 32];
+  return k % 64 < 32 ? byte & 0xF : byte >> 4;
+}
+
+static inline uint8_t q6_k_at(const uint8_t* b, int k) {  // weight k's 6-bit q in a Q6_K block
+  const int n = k / 128, s = k % 128 / 32, l = k % 32;
+  const uint8_t low = b[64 * n + 32 * (s % 2) + l], high = b[128 + 32 * n + l] >> (2 * s) & 3;
+  return (s < 2 ? low & 0xF : low >> 4) | high << 4;
+}
+
+struct TQ4_K {
+  static constexpr int bytes = 2368, sub = 32, subs = 8;
+  static void repack(const uint8_t* const* rows, uint8_t* g) {  // 16 outputs' blocks -> one group block
+    for (int o = 0; o < 16; ++o) {
+      const uint8_t* b = rows[o];
+      std::memcpy(g + 2 * o, b, 2);
+      std::memcpy(g + 32 + 2 * o, b + 2, 2);
+      const uint8_t* s = b + 4;
+      for (int j = 0; j < 4; ++j) {  // ggml's 6-bit unpacking
+        g[64 + 16 * j + o] = s[j] & 63, g[192 + 16 * j + o] = s[j + 4] & 63;
+        g[64 + 16 * (j + 4) + o] = (s[j + 8] & 0xF) | (s[j] >> 6) << 4;
+        g[192 + 16 * (j + 4) + o] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+      }
+      for (int j = 0; j < 8; ++j)
+        for (int p = 0; p < 8; ++p)
+          for (int e = 0; e < 2; ++e)
+            g[320 + 256 * j + 32 * p + 2 * o + e] = q4_k_at(b, 32 * j + 2 * p + e) | q4_k_at(b, 32 * j + 2 * p + 16 + e) << 4;
+    }
+  }
+  static inline void head(const uint8_t* g, __m512* scale, __m512* offset) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32)));
+    for (int j = 0; j < 8; ++j) {
+      const auto bytes = [&](int at) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + at))));
+      };
+      scale[j] = _mm512_mul_ps(bytes(64 + 16 * j), d);
+      // min - 16 scale: the weights are decoded as 16 + q (below)
+      offset[j] = _mm512_fnmadd_ps(bytes(192 + 16 * j), dmin, _mm512_mul_ps(scale[j], _mm512_set1_ps(-16.0f)));
+    }
+  }
+  static inline void decode(const uint8_t* g, int j, uint16_t (*b)[32]) {  // sub-block j -> B [16][32]
+    const __m512i nib = _mm512_set1_epi16(0x78), bias = _mm512_set1_epi16(0x4180);  // q << 3 | bf16(16)
+    for (int p = 0; p < 8; ++p) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 320 + 256 * j + 32 * p)));
+      _mm512_store_si512(b[p], bits_or(_mm512_slli_epi16(v, 3), nib, bias));
+      _mm512_store_si512(b[p + 8], bits_or(_mm512_srli_epi16(v, 1), nib, bias));
+    }
+  }
+};
+
+struct TQ6_K {
+  static constexpr int bytes = 3360, sub = 16, subs = 16;
+  static void repack(const uint8_t* const* rows, uint8_t* g) {
+    for (int o = 0; o < 16; ++o) {
+      const uint8_t* b = rows[o];
+      std::memcpy(g + 2 * o, b + 208, 2);
+      for (int j = 0; j < 16; ++j) g[32 + 16 * j + o] = b[192 + j];
+      for (int j = 0; j < 16; ++j) {
+        uint8_t* s = g + 288 + 192 * j;
+        for (int e = 0; e < 2; ++e) {
+          for (int p = 0; p < 4; ++p)
+            s[32 * p + 2 * o + e] = (q6_k_at(b, 16 * j + 2 * p + e) & 0xF) | (q6_k_at(b, 16 * j + 2 * p + 8 + e) & 0xF) << 4;
+          for (int h = 0; h < 2; ++h) {
+            uint8_t byte = 0;
+            for (int t = 0; t < 4; ++t) byte |= (q6_k_at(b, 16 * j + 2 * (4 * h + t) + e) >> 4) << (2 * t);
+            s[128 + 32 * h + 2 * o + e] = byte;
+          }
+        }
+      }
+    }
+  }
+  static inline void head(const uint8_t* g, __m512* scale, __m512*) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
+    for (int j = 0; j < 16; ++j)
+      scale[j] = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 32 + 16 * j)))), d);
+  }
+  static inline void decode(const uint8_t* g, int j, uint16_t (*b)[32]) {  // sub-block j -> B [8][32]
+    static const __m512i lut = table(-32), lut_high = table(0);
+    const uint8_t* s = g + 288 + 192 * j;
+    const __m512i nib = _mm512_set1_epi16(0xF), two = _mm512_set1_epi16(0x30);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i high = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 128 + 32 * h)));
+      for (int t = 0; t < 4; ++t) {
+        const int p = 4 * h + t;  // pair row p: low 4 bits in row p % 4 of the low part, low or high nibble
+        const __m512i low = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32 * (p % 4))));
+        const __m512i low4 = p < 4 ? _mm512_and_si512(low, nib) : _mm512_srli_epi16(low, 4);
+        const __m512i high2 = 2 * t <= 4 ? _mm512_slli_epi16(high, 4 - 2 * t) : _mm512_srli_epi16(high, 2 * t - 4);
+        const __m512i idx = _mm512_ternarylogic_epi32(low4, high2, two, 0xF8);  // low4 | (high2 & 0x30)
+        _mm512_store_si512(b[p], _mm512_permutex2var_epi16(lut, idx, lut_high));  // q - 32
+      }
+    }
+  }
+};
+
+// Outputs of one group of 16 for R <= 16 rows of x (row stride K; xs: Q4_K's sub-block sums [R][K / 32]).
+template <class T>
+static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, int R, const float* xs,
+                        c10::BFloat16* y, int64_t ldy) {
+  constexpr bool Q4K = std::is_same_v<T, TQ4_K>;
+  alignas(64) uint16_t b0[16][32], b1[16][32];
+  alignas(64) float c0[16][16], c1[16][16];
+  __m512 acc[16], scale[T::subs], offset[T::subs];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
+    T::head(g, scale, offset);
+    for (int j = 0; j < T::subs; j += 2) {
+      const int64_t k = 256 * i + T::sub * j;  // the sub-block's first input
+      T::decode(g, j, b0);
+      T::decode(g, j + 1, b1);
+      SUB_BLOCK_SUMS(0, 1, 2, x + k, 2 * K, b0, c0);
+      SUB_BLOCK_SUMS(3, 4, 5, x + k + T::sub, 2 * K, b1, c1);
+      for (int r = 0; r < R; ++r) {
+        __m512 a = _mm512_fmadd_ps(_mm512_load_ps(c0[r]), scale[j], acc[r]);
+        a = _mm512_fmadd_ps(_mm512_load_ps(c1[r]), scale[j + 1], a);
+        if constexpr (Q4K) {
+          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32]), offset[j], a);
+          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32 + 1]), offset[j + 1], a);
+        }
+        acc[r] = a;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r])));
+}
+
+template <class T, class F>
+static torch::Tensor tile(const torch::Tensor& w, int64_t K) {  // the file's blocks -> group blocks
+  const int64_t O = w.size(0), blocks = K / 256;
+  TORCH_CHECK(O % 16 == 0 && K % 256 == 0 && w.size(1) == blocks * F::bytes, "gguf tile: ", O, "x", K,
+              " weights in rows of ", w.size(1), " bytes do not form groups of 16 rows");
+  const auto wc = w.contiguous();
+  torch::Tensor t = torch::empty({O / 16, blocks * T::bytes}, w.options());
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  uint8_t* tp = t.data_ptr<uint8_t>();
+  at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < blocks; ++i) {
+        const uint8_t* rows[16];
+        for (int o = 0; o < 16; ++o) rows[o] = wp + (16 * g + o) * w.size(1) + i * F::bytes;
+        T::repack(rows, tp + g * t.size(1) + i * T::bytes);
+      }
+  });
+  return t;
+}
+
+template <class T>
+static torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& t) {
+  const int64_t R = x.size(0), K = x.size(1), O = 16 * t.size(0), blocks = K / 256;
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && K % 256 == 0 && t.size(1) == blocks * T::bytes,
+              "gguf tiled mm: bf16 x of ", K, " features does not match groups of ", t.size(1), " bytes");
+  TORCH_CHECK(amx(), "gguf tiled mm: this process may not use AMX tiles");
+  const auto xc = x.contiguous();
+  auto y = torch::empty({R, O}, x.options());
+  const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
+  std::vector<float> xs(std::is_same_v<T, TQ4_K> ? R * K / 32 : 0);  // Q4_K: sums of x over each sub-block
+  for (size_t s = 0; s < xs.size(); ++s) {
+    const __m512i v = _mm512_loadu_si512(xp + 32 * s);
+    xs[s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(v))),
+                                               _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(v, 1)))));
+  }
+  const uint8_t* tp = t.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t r = 0; r < R; r += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, R - r));
+      configure_tiles(n, T::sub);
+      for (int64_t g = g0; g < g1; ++g)
+        tiles_group<T>(tp + g * t.size(1), blocks, xp + r * K, K, n, xs.data() + r * (K / 32), yp + r * O + 16 * g, O);
+    }
+    _tile_release();
+  });
+  return y;
+}
+#endif
 #endif
 
 template <class F, int NR = MAX_NR>
@@ -540,7 +769,39 @@ torch::Tensor gguf_mm(torch::Tensor x, torch::Tensor w, int64_t type) {
   TORCH_CHECK(false, "gguf mm: no kernel for GGUF type ", type);
 }
 
+// Q4_K/Q6_K blocks [O, bytes per row] -> group blocks [O / 16, ...] for tiled_mm (AMX machines only).
+torch::Tensor gguf_tile(torch::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "gguf tile: w [O, bytes] uint8");
+#ifdef AMX_PATH
+  if (type == Q4_K) return tile<TQ4_K, FQ4_K>(w, K);
+  if (type == Q6_K) return tile<TQ6_K, FQ6_K>(w, K);
+#endif
+  TORCH_CHECK(false, "gguf tile: no tiled kernel for GGUF type ", type, " on this CPU");
+}
+
+// x [R, K] bf16, t: `tile`'s groups of GGUF type `type` -> [R, O] bf16.
+torch::Tensor gguf_tiled_mm(torch::Tensor x, torch::Tensor t, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && t.dim() == 2 && t.scalar_type() == torch::kUInt8, "gguf tiled mm: x [R, K], t [O / 16, bytes]");
+#ifdef AMX_PATH
+  if (type == Q4_K) return tiled_mm<TQ4_K>(x, t);
+  if (type == Q6_K) return tiled_mm<TQ6_K>(x, t);
+#endif
+  TORCH_CHECK(false, "gguf tiled mm: no tiled kernel for GGUF type ", type, " on this CPU");
+}
+
+// Whether this build and process can use AMX tiles (tile, tiled_mm).
+bool gguf_amx() {
+#ifdef AMX_PATH
+  return amx();
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(minitree_gguf, m) {
+  m.def("amx", &gguf_amx);
+  m.def("tile(Tensor w, int type, int K) -> Tensor");
+  m.def("tiled_mm(Tensor x, Tensor t, int type) -> Tensor");
   m.def("mm(Tensor x, Tensor w, int type) -> Tensor");
   m.def("dequantize(Tensor w, int type, int K) -> Tensor");
 }
@@ -548,4 +809,6 @@ TORCH_LIBRARY(minitree_gguf, m) {
 TORCH_LIBRARY_IMPL(minitree_gguf, CPU, m) {
   m.impl("mm", &gguf_mm);
   m.impl("dequantize", &gguf_dequantize);
+  m.impl("tile", &gguf_tile);
+  m.impl("tiled_mm", &gguf_tiled_mm);
 }
