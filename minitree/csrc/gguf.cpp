@@ -118,19 +118,24 @@ static inline void fifth_bits(const uint8_t* p, B& h0, B& h1) {
 // 2) vectors of 16 fp32 weights.
 enum Type { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
+// Q4_K's 8 scales and 8 mins (6 bits each) from the 12 bytes at s: ggml's unpacking.
+static inline void q4_k_scales(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63, m[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | (s[j] >> 6) << 4;
+    m[j + 4] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+  }
+}
+
 struct FQ4_K {
   static constexpr int bytes = 144, weights = 256, chunk_weights = 64;
   struct Head { float scale[8], low[8]; };
   static inline Head head(const uint8_t* b) {
     const float d = fp16(b), dmin = -fp16(b + 2);
-    const uint8_t* s = b + 4;
+    uint8_t sc[8], m[8];
+    q4_k_scales(b + 4, sc, m);
     Head h;
-    for (int j = 0; j < 4; ++j) {
-      h.scale[j] = d * (s[j] & 63);
-      h.low[j] = dmin * (s[j + 4] & 63);
-      h.scale[j + 4] = d * ((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
-      h.low[j + 4] = dmin * ((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
-    }
+    for (int j = 0; j < 8; ++j) h.scale[j] = d * sc[j], h.low[j] = dmin * m[j];
     return h;
   }
   static inline void chunk(const uint8_t* b, const Head& h, int c, V* w) {
@@ -269,6 +274,17 @@ static void columns(const uint8_t* w, int64_t row_bytes, const float* x, int64_t
 //   multiply anyway; the biased sums are about twice as large, so they round a little coarser in
 //   fp32, far below the bf16 output's rounding.
 #define BF16_PATH 1
+
+// Sums of bf16 x over each n groups of 32 consecutive values, in fp32 (Q4_K's mins multiply them).
+static std::vector<float> sums32(const c10::BFloat16* x, int64_t n) {
+  std::vector<float> s(n);
+  for (int64_t g = 0; g < n; ++g) {
+    const __m512i v = _mm512_loadu_si512(x + 32 * g);
+    s[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(v))),
+                                              _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(v, 1)))));
+  }
+  return s;
+}
 
 static inline __m512i table(int offset) {  // bf16 words of offset, offset + 1, ..., offset + 31
   alignas(64) uint16_t t[32];
@@ -428,12 +444,7 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   const auto wc = w.contiguous();
   auto y = torch::empty({R, O}, x.options());
   const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
-  std::vector<float> xs(Q4K ? R * K / 32 : 0);  // sums of x over each 32 columns: Q4_K's mins multiply them
-  for (size_t g = 0; g < xs.size(); ++g) {
-    float sum = 0;
-    for (int i = 0; i < 32; ++i) sum += static_cast<float>(xb[32 * g + i]);
-    xs[g] = sum;
-  }
+  const std::vector<float> xs = sums32(xb, Q4K ? R * K / 32 : 0);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
   std::vector<uint16_t> ordered(Q4K ? R * K : 0);  // Q4_K: the activations in the order of its weights
   for (int64_t r = 0; r < (Q4K ? R : 0); ++r)
@@ -519,12 +530,9 @@ struct TQ4_K {
       const uint8_t* b = rows[o];
       std::memcpy(g + 2 * o, b, 2);
       std::memcpy(g + 32 + 2 * o, b + 2, 2);
-      const uint8_t* s = b + 4;
-      for (int j = 0; j < 4; ++j) {  // ggml's 6-bit unpacking
-        g[64 + 16 * j + o] = s[j] & 63, g[192 + 16 * j + o] = s[j + 4] & 63;
-        g[64 + 16 * (j + 4) + o] = (s[j + 8] & 0xF) | (s[j] >> 6) << 4;
-        g[192 + 16 * (j + 4) + o] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
-      }
+      uint8_t sc[8], m[8];
+      q4_k_scales(b + 4, sc, m);
+      for (int j = 0; j < 8; ++j) g[64 + 16 * j + o] = sc[j], g[192 + 16 * j + o] = m[j];
       for (int j = 0; j < 8; ++j)
         for (int p = 0; p < 8; ++p)
           for (int e = 0; e < 2; ++e)
@@ -659,12 +667,7 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& t) {
   const auto xc = x.contiguous();
   auto y = torch::empty({R, O}, x.options());
   const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
-  std::vector<float> xs(std::is_same_v<T, TQ4_K> ? R * K / 32 : 0);  // Q4_K: sums of x over each sub-block
-  for (size_t s = 0; s < xs.size(); ++s) {
-    const __m512i v = _mm512_loadu_si512(xp + 32 * s);
-    xs[s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(v))),
-                                               _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(v, 1)))));
-  }
+  const std::vector<float> xs = sums32(xp, std::is_same_v<T, TQ4_K> ? R * K / 32 : 0);
   const uint8_t* tp = t.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
