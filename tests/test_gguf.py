@@ -50,7 +50,7 @@ def test_kernels_read_every_type_exactly(kind):
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 def test_tiled_kernels_read_every_weight_exactly(kind):
     """On a CPU with AMX: the blocks regrouped for tiles give every weight exactly (the identity's
-    products, to bf16's last bit) and the products of many rows within bf16 output rounding, also past 16 rows
+    products, to bf16's last bit; many rows on tiles, one row by the vector kernel) and the products of many rows within bf16 output rounding, also past 16 rows
     (tiles hold 16) and where the vector kernel's sums differ only in order."""
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     blocks = packed(w, kind)
@@ -63,6 +63,8 @@ def test_tiled_kernels_read_every_weight_exactly(kind):
     eye = torch.eye(512, dtype=torch.bfloat16)
     weights = layer.tiled_forward(eye, tiles).float()  # each weight rounded once to bf16 (a tie may go either way)
     torch.testing.assert_close(weights, ref.T, rtol=2 ** -8, atol=1e-7)
+    one_row = torch.cat([layer.tiled_forward(row, tiles) for row in eye.split(1)]).float()  # no tiles for 1 row
+    torch.testing.assert_close(one_row, ref.T, rtol=2 ** -8, atol=1e-7)
     for rows in (1, 2, 5, 16, 17, 40):
         x = torch.randn(1, rows, 512).bfloat16()
         y = layer.tiled_forward(x, tiles)

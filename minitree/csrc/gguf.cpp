@@ -323,6 +323,13 @@ static inline __m512i bits_or(__m512i a, __m512i mask, __m512i c) {  // (a & mas
   return _mm512_ternarylogic_epi32(a, mask, c, 0xEA);
 }
 
+// Streaming the weights from memory runs at well under the memory's bandwidth unless the next ones
+// are asked for ahead of use: `lines` cache lines from AHEAD bytes past p (the kernels read forward).
+static constexpr int AHEAD = 4096;
+static inline void prefetch(const uint8_t* p, int lines) {
+  for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + AHEAD + 64 * l), _MM_HINT_T0);
+}
+
 // The index of activation k of a Q4_K row in the order its weights are decoded: per 128 weights
 // (chunks of 64: sub-block 2c in the low nibbles, 2c + 1 in the high ones), four vectors of 32 —
 // low nibbles of even bytes, of odd bytes, high nibbles of even bytes, of odd bytes — each holding
@@ -414,6 +421,7 @@ static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x,
       for (int a = 0; a < A; ++a) acc[r * A + a] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < blocks; ++i, b += bytes) {
+      prefetch(b, Q4K ? 3 : 4);
       if constexpr (Q4K) bf16_q4_k<NR>(b, x + 256 * i, K, xs + 8 * i, ldxs, acc, shift);
       else bf16_q6_k<NR>(b, x + 256 * i, K, lut, lut_high, acc);
     }
@@ -464,17 +472,19 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // ---------------------------------------------------------------------------------------------
-// Q4_K and Q6_K on AMX tiles, for forwards of several rows (verify passes). One tile multiply
+// Q4_K and Q6_K on AMX tiles, for forwards of 2 or more rows (verify passes). One tile multiply
 // takes up to 16 activation rows' inputs of one sub-block (A: rows x 32 bf16 for Q4_K, 16 for
 // Q6_K, read straight from x) and the same sub-block of 16 output rows' weights (B: pairs of
 // weights per output, bf16, exact as above), giving the rows x 16 sub-block sums in fp32 (C);
 // each sum is then scaled by its output's sub-block scale in fp32, as in the vector kernel. So the
 // weights stay exact and only the summation order differs; the decoding is paid once for all rows.
 // B needs the weights of 16 outputs side by side, so `tile` repacks the file's blocks once into
-// groups of 16 outputs (the same bytes per weight, rearranged; the scales pre-unpacked for Q4_K):
+// groups of 16 outputs (the same bytes per weight, rearranged; the scales pre-unpacked for Q4_K),
+// which also serve one row better than the file's layout (vector_group: no scale shuffling):
 //   Q4_K group block (16 outputs x 256 weights, 2368 bytes): d[16], dmin[16] (fp16); sc[8][16],
-//     m[8][16] (6-bit, bytes); per sub-block j and pair row p < 8, 32 bytes: byte 2o + e holds
-//     weight 2p + e of output o in its low nibble and weight 2p + 16 + e in its high one.
+//     m[8][16] (6-bit, bytes); per sub-block j and c < 4, 64 bytes: in the 32-bit word of output o,
+//     nibble k of the low 16 bits holds weight 8c + 2k and of the high 16 bits weight 8c + 2k + 1,
+//     so that one shift and one bit merge give pair row 4c + k of B (as the vector kernel's words).
 //   Q6_K group block (3360 bytes): d[16] (fp16); sc[16][16] (int8); per sub-block j (16 weights):
 //     4 x 32 bytes of low 4 bits (byte 2o + e of row p < 4: weight 2p + e low, 2p + 8 + e high), then
 //     2 x 32 bytes of high 2 bits (byte 2o + e of row h: weights 2(4h + t) + e at bits 2t).
@@ -534,9 +544,12 @@ struct TQ4_K {
       q4_k_scales(b + 4, sc, m);
       for (int j = 0; j < 8; ++j) g[64 + 16 * j + o] = sc[j], g[192 + 16 * j + o] = m[j];
       for (int j = 0; j < 8; ++j)
-        for (int p = 0; p < 8; ++p)
-          for (int e = 0; e < 2; ++e)
-            g[320 + 256 * j + 32 * p + 2 * o + e] = q4_k_at(b, 32 * j + 2 * p + e) | q4_k_at(b, 32 * j + 2 * p + 16 + e) << 4;
+        for (int c = 0; c < 4; ++c)
+          for (int h = 0; h < 2; ++h) {
+            uint16_t word = 0;
+            for (int k = 0; k < 4; ++k) word |= q4_k_at(b, 32 * j + 8 * c + 2 * k + h) << (4 * k);
+            std::memcpy(g + 320 + 256 * j + 64 * c + 4 * o + 2 * h, &word, 2);
+          }
     }
   }
   static inline void head(const uint8_t* g, __m512* scale, __m512* offset) {
@@ -551,12 +564,15 @@ struct TQ4_K {
       offset[j] = _mm512_fnmadd_ps(bytes(192 + 16 * j), dmin, _mm512_mul_ps(scale[j], _mm512_set1_ps(-16.0f)));
     }
   }
-  static inline void decode(const uint8_t* g, int j, uint16_t (*b)[32]) {  // sub-block j -> B [16][32]
+  template <class Emit>  // emit(p, row): pair row p < 16 of sub-block j, bf16(16 + q) pairs of 16 outputs
+  static inline void decode(const uint8_t* g, int j, Emit emit) {
     const __m512i nib = _mm512_set1_epi16(0x78), bias = _mm512_set1_epi16(0x4180);  // q << 3 | bf16(16)
-    for (int p = 0; p < 8; ++p) {
-      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 320 + 256 * j + 32 * p)));
-      _mm512_store_si512(b[p], bits_or(_mm512_slli_epi16(v, 3), nib, bias));
-      _mm512_store_si512(b[p + 8], bits_or(_mm512_srli_epi16(v, 1), nib, bias));
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(g + 320 + 256 * j + 64 * c);
+      emit(4 * c, bits_or(_mm512_slli_epi16(v, 3), nib, bias));
+      emit(4 * c + 1, bits_or(_mm512_srli_epi16(v, 1), nib, bias));
+      emit(4 * c + 2, bits_or(_mm512_srli_epi16(v, 5), nib, bias));
+      emit(4 * c + 3, bits_or(_mm512_srli_epi16(v, 9), nib, bias));
     }
   }
 };
@@ -588,7 +604,8 @@ struct TQ6_K {
       scale[j] = _mm512_mul_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 32 + 16 * j)))), d);
   }
-  static inline void decode(const uint8_t* g, int j, uint16_t (*b)[32]) {  // sub-block j -> B [8][32]
+  template <class Emit>  // emit(p, row): pair row p < 8 of sub-block j, bf16(q - 32) pairs of 16 outputs
+  static inline void decode(const uint8_t* g, int j, Emit emit) {
     static const __m512i lut = table(-32), lut_high = table(0);
     const uint8_t* s = g + 288 + 192 * j;
     const __m512i nib = _mm512_set1_epi16(0xF), two = _mm512_set1_epi16(0x30);
@@ -600,7 +617,7 @@ struct TQ6_K {
         const __m512i low4 = p < 4 ? _mm512_and_si512(low, nib) : _mm512_srli_epi16(low, 4);
         const __m512i high2 = 2 * t <= 4 ? _mm512_slli_epi16(high, 4 - 2 * t) : _mm512_srli_epi16(high, 2 * t - 4);
         const __m512i idx = _mm512_ternarylogic_epi32(low4, high2, two, 0xF8);  // low4 | (high2 & 0x30)
-        _mm512_store_si512(b[p], _mm512_permutex2var_epi16(lut, idx, lut_high));  // q - 32
+        emit(p, _mm512_permutex2var_epi16(lut, idx, lut_high));  // q - 32
       }
     }
   }
@@ -613,14 +630,16 @@ static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x
   constexpr bool Q4K = std::is_same_v<T, TQ4_K>;
   alignas(64) uint16_t b0[16][32], b1[16][32];
   alignas(64) float c0[16][16], c1[16][16];
+  constexpr int LINES = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);
   __m512 acc[16], scale[T::subs], offset[T::subs];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
     T::head(g, scale, offset);
     for (int j = 0; j < T::subs; j += 2) {
       const int64_t k = 256 * i + T::sub * j;  // the sub-block's first input
-      T::decode(g, j, b0);
-      T::decode(g, j + 1, b1);
+      prefetch(g + 64 * LINES * j, 2 * LINES);
+      T::decode(g, j, [&](int p, __m512i row) { _mm512_store_si512(b0[p], row); });
+      T::decode(g, j + 1, [&](int p, __m512i row) { _mm512_store_si512(b1[p], row); });
       SUB_BLOCK_SUMS(0, 1, 2, x + k, 2 * K, b0, c0);
       SUB_BLOCK_SUMS(3, 4, 5, x + k + T::sub, 2 * K, b1, c1);
       for (int r = 0; r < R; ++r) {
@@ -636,6 +655,34 @@ static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x
   }
   for (int r = 0; r < R; ++r)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r])));
+}
+
+// The same outputs for one row, without tiles (a tile multiply costs as much for 1 row as for 16):
+// each pair row of weights, decoded as for B, is multiplied with the row's two inputs broadcast
+// (vdpbf16ps: 16 outputs' pair products, summed in fp32), four sums per sub-block, then scaled.
+template <class T>
+static void vector_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, const float* xs,
+                         c10::BFloat16* y) {
+  constexpr int LINES = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);  // a sub-block's share of the block
+  __m512 acc = _mm512_setzero_ps(), scale[T::subs], offset[T::subs];
+  for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
+    T::head(g, scale, offset);
+    for (int j = 0; j < T::subs; ++j) {
+      const int64_t k = 256 * i + T::sub * j;
+      prefetch(g + 64 * LINES * j, LINES);
+      __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      T::decode(g, j, [&](int p, __m512i row) {
+        int32_t pair;
+        std::memcpy(&pair, x + k + 2 * p, 4);
+        sums[p % 4] = _mm512_dpbf16_ps(sums[p % 4], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)),
+                                       reinterpret_cast<__m512bh>(row));
+      });
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3]));
+      acc = _mm512_fmadd_ps(sum, scale[j], acc);
+      if constexpr (std::is_same_v<T, TQ4_K>) acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[k / 32]), offset[j], acc);
+    }
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc)));
 }
 
 template <class T, class F>
@@ -671,6 +718,10 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& t) {
   const uint8_t* tp = t.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
+    if (R == 1) {
+      for (int64_t g = g0; g < g1; ++g) vector_group<T>(tp + g * t.size(1), blocks, xp, K, xs.data(), yp + 16 * g);
+      return;
+    }
     for (int64_t r = 0; r < R; r += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, R - r));
       configure_tiles(n, T::sub);
