@@ -26,6 +26,7 @@ import hashlib
 import os
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,10 @@ def kernels():
     scripts = sysconfig.get_path("scripts")  # pip's ninja, also when its virtual environment is not activated
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    print("building minitree's GGUF kernels for this CPU (once, about a minute)", file=sys.stderr, flush=True)
+    # said only when it takes a while: a build already cached for this source loads in well under that
+    slow = threading.Timer(3.0, lambda: print("building minitree's GGUF kernels for this CPU (once, about a minute)",
+                                              file=sys.stderr, flush=True))
+    slow.start()
     try:
         cpp_extension.load(name=f"minitree_gguf_{isa}", sources=[str(CSRC)], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
@@ -67,6 +71,8 @@ def kernels():
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"building the GGUF kernels failed ({first}); they need a C++ compiler (g++) and "
                         f"ninja; or load the file dequantized (--dequantize)") from None
+    finally:
+        slow.cancel()
     torch.library.register_fake("minitree_gguf::mm")(lambda x, w, kind: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("minitree_gguf::tiled_mm")(lambda x, t, kind: x.new_empty(x.shape[0], 16 * t.shape[0]))
     return torch.ops.minitree_gguf

@@ -34,6 +34,9 @@ from .tree import MAX_NODES
 # trees and two models needs more than Dynamo's default of 8 before it would silently run eagerly.
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+# Inductor's wrappers check every input's size and stride again at each call (Dynamo's guards have
+# checked them before): about 0.15 ms per decoder layer on 2 cores, a tenth of a 0.5B draft forward.
+torch._inductor.config.size_asserts = False
 
 PLANS = ("measure", "exact", "none")
 
