@@ -20,7 +20,8 @@ Kernel settings, and the form each layer uses for them:
   int8    lossy: weight-only int8, one scale per output channel (drafts only: a draft proposes)
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
   tiles   a quantized layer that can (GGUF Q4_K/Q6_K on a CPU with AMX): its blocks regrouped by 16
-          outputs for AMX tile multiplies, the same weights exactly; other layers use "packed"
+          outputs for AMX tile multiplies (one row: a vector kernel over the same groups), the same
+          weights exactly; other layers use "packed"
 
 Every form but the lossy ones computes with the model's own weights; kernels and precisions
 differ, so bf16 rounds differently from one to another (README, "bf16 and exactness").

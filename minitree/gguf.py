@@ -107,7 +107,8 @@ class GGUFLinear(QuantLinear):
 
     @property
     def tiled(self) -> bool:
-        """Q4_K and Q6_K with bf16 activations on a CPU with AMX: `tile` and `tiled_forward` serve many rows."""
+        """Q4_K and Q6_K with bf16 activations on a CPU with AMX: `tile` and `tiled_forward` serve them
+        (many rows on AMX tiles, one row by a vector kernel over the same groups)."""
         return (self.kind in ("gguf-Q4_K", "gguf-Q6_K") and self.dtype == torch.bfloat16
                 and self.out_features % 16 == 0 and kernels().amx())
 
