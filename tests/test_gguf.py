@@ -50,8 +50,9 @@ def test_kernels_read_every_type_exactly(kind):
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 def test_tiled_kernels_read_every_weight_exactly(kind):
     """On a CPU with AMX: the blocks regrouped for tiles give every weight exactly (the identity's
-    products, to bf16's last bit; many rows on tiles, one row by the vector kernel) and the products of many rows within bf16 output rounding, also past 16 rows
-    (tiles hold 16) and where the vector kernel's sums differ only in order."""
+    products, to bf16's last bit; many rows on tiles, one row by the vector kernel) and the products
+    of many rows within bf16 output rounding, also past 16 rows (tiles hold 16) and where the vector
+    kernel's sums differ only in order."""
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     blocks = packed(w, kind)
     ref = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[kind]).copy())

@@ -421,7 +421,7 @@ static void columns_bf16(const uint8_t* w, int64_t row_bytes, const uint16_t* x,
       for (int a = 0; a < A; ++a) acc[r * A + a] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < blocks; ++i, b += bytes) {
-      prefetch(b, Q4K ? 3 : 4);
+      prefetch(b, (bytes + 63) / 64);
       if constexpr (Q4K) bf16_q4_k<NR>(b, x + 256 * i, K, xs + 8 * i, ldxs, acc, shift);
       else bf16_q6_k<NR>(b, x + 256 * i, K, lut, lut_high, acc);
     }
@@ -623,6 +623,10 @@ struct TQ6_K {
   }
 };
 
+// A sub-block's share of a group block's cache lines (what the kernels prefetch per sub-block).
+template <class T>
+static constexpr int sub_lines = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);
+
 // Outputs of one group of 16 for R <= 16 rows of x (row stride K; xs: Q4_K's sub-block sums [R][K / 32]).
 template <class T>
 static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, int R, const float* xs,
@@ -630,14 +634,13 @@ static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x
   constexpr bool Q4K = std::is_same_v<T, TQ4_K>;
   alignas(64) uint16_t b0[16][32], b1[16][32];
   alignas(64) float c0[16][16], c1[16][16];
-  constexpr int LINES = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);
   __m512 acc[16], scale[T::subs], offset[T::subs];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
     T::head(g, scale, offset);
     for (int j = 0; j < T::subs; j += 2) {
       const int64_t k = 256 * i + T::sub * j;  // the sub-block's first input
-      prefetch(g + 64 * LINES * j, 2 * LINES);
+      prefetch(g + 64 * sub_lines<T> * j, 2 * sub_lines<T>);
       T::decode(g, j, [&](int p, __m512i row) { _mm512_store_si512(b0[p], row); });
       T::decode(g, j + 1, [&](int p, __m512i row) { _mm512_store_si512(b1[p], row); });
       SUB_BLOCK_SUMS(0, 1, 2, x + k, 2 * K, b0, c0);
@@ -663,13 +666,12 @@ static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x
 template <class T>
 static void vector_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, const float* xs,
                          c10::BFloat16* y) {
-  constexpr int LINES = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);  // a sub-block's share of the block
   __m512 acc = _mm512_setzero_ps(), scale[T::subs], offset[T::subs];
   for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
     T::head(g, scale, offset);
     for (int j = 0; j < T::subs; ++j) {
       const int64_t k = 256 * i + T::sub * j;
-      prefetch(g + 64 * LINES * j, LINES);
+      prefetch(g + 64 * sub_lines<T> * j, sub_lines<T>);
       __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       T::decode(g, j, [&](int p, __m512i row) {
         int32_t pair;
