@@ -117,6 +117,10 @@ class QuantLinear(nn.Module):
         """The weights [out, in] in fp32."""
         raise NotImplementedError
 
+    def first_outputs(self, k: int) -> "QuantLinear":
+        """The layer of its first k outputs only, where its format keeps output rows apart."""
+        raise EngineError(f"a draft vocabulary subset needs a float or GGUF lm_head, not {self.kind}")
+
 
 class Int8Linear(QuantLinear):
     """Weight-only int8 per output channel (torch's CPU kernel), from a float layer."""
@@ -275,10 +279,11 @@ def restrict_vocab(model: nn.Module, k: int) -> nn.Module:
     For drafts: BPE vocabularies are ordered by merge rank, so low ids are the frequent tokens."""
     if not 0 < k <= model.args.vocab_size:
         raise EngineError(f"draft vocabulary subset must be in 1..{model.args.vocab_size}, got {k}")
-    if not isinstance(model.lm_head, nn.Linear):
-        raise EngineError("restrict the draft vocabulary of a float model (its lm_head is quantized)")
-    model.lm_head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
-    model.lm_head.out_features = k
+    if isinstance(model.lm_head, QuantLinear):
+        model.lm_head = model.lm_head.first_outputs(k)
+    else:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight[:k].detach(), requires_grad=False)
+        model.lm_head.out_features = k
     return model
 
 

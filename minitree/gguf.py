@@ -105,6 +105,11 @@ class GGUFLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return kernels().dequantize(self.blocks, self.qtype, self.in_features)
 
+    def first_outputs(self, k: int) -> GGUFLinear:
+        """Its first k output rows (each row is blocks of its own)."""
+        bias = None if self.bias is None else self.bias[:k].detach()
+        return GGUFLinear(self.blocks[:k].clone(), self.kind.removeprefix("gguf-"), self.in_features, bias, self.dtype)
+
     @property
     def tiled(self) -> bool:
         """Q4_K and Q6_K with bf16 activations on a CPU with AMX: `tile` and `tiled_forward` serve them

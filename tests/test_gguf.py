@@ -133,6 +133,19 @@ def test_tree_decoding_of_a_quantized_target_is_lossless(quantized_pair, spec):
     assert minitree.Engine(*runners, spec, max_seq_len=256).generate(PROMPT, 48).tokens == reference
 
 
+def test_a_gguf_draft_restricted_to_its_first_ids_is_lossless(quantized_pair):
+    """--draft-vocab on a GGUF draft keeps the first rows of its lm_head's blocks, exactly; the output
+    is unchanged also when the draft cannot propose the ids it needs (this one uses ids above 100)."""
+    target, draft = (minitree.load(p) for p in quantized_pair)
+    head = draft.lm_head.dequantize()
+    minitree.restrict_vocab(draft, 100)
+    assert draft.lm_head.out_features == 100 and torch.equal(draft.lm_head.dequantize(), head[:100])
+    result = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256).generate(PROMPT, 48)
+    assert result.tokens == plain(target, PROMPT, 48)
+    with pytest.raises(minitree.EngineError, match="needs a float or GGUF lm_head, not int8"):
+        minitree.restrict_vocab(minitree.quantize(minitree.load(quantized_pair[0], dequantize=True), "int8"), 100)
+
+
 def test_compiled_quantized_target_equals_eager(quantized_pair):
     """The kernel is an op of its own inside compiled layers (no recompiles in steady state)."""
     target = minitree.load(quantized_pair[0])
