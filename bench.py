@@ -208,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", choices=["measure", "exact", "none"],
                    help="minitree's execution shapes (generate.py --help; default: measure when compiled)")
     p.add_argument("--draft-lossy", action=argparse.BooleanOptionalAction, default=True,
-                   help="lossy int8/int4 copies of minitree's draft weights where measured cheaper (the draft only "
+                   help="lossy int8/int4/q4 copies of minitree's draft weights where measured cheaper (the draft only "
                         "proposes; default: on)")
     p.add_argument("--draft-vocab", type=int, default=0, help="minitree's draft proposes only ids below N (0: all)")
     p.add_argument("--draft-cutoff", type=float, default=0.0,

@@ -193,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deterministic-draft", action="store_true",
                    help="when sampling, draft the top-k tokens instead of drawing them (still lossless)")
     p.add_argument("--draft-lossy", action=argparse.BooleanOptionalAction, default=None,
-                   help="lossy int8/int4 copies of the draft's weights serve the forwards they are measured "
+                   help="lossy int8/int4/q4 copies of the draft's weights serve the forwards they are measured "
                         "cheapest for (default: on for CPU); the output does not change")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="the draft proposes only token ids below N (0: all); the output does not change")

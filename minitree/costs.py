@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 
 from . import tp
-from .forms import LOSSY, FormLinear, quant_kinds
+from .forms import INT4_GROUP, FormLinear, q4_runs, quant_kinds
+from .kernels import source_version
 from .machine import describe, machine, onednn, packs
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
-GEMV_PROBE_ROWS = 16  # with oneDNN off, float GEMMs grow ~linearly in rows: not worth timing further
+GROWS_PROBE_ROWS = 16  # gemv (oneDNN off) and q4 grow ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
 PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
@@ -57,7 +58,8 @@ def settings(model, lossy: bool = False) -> list[str]:
     """Kernel settings worth timing for a runner's model (forms.py): the weights as loaded; for
     half-precision weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs that
     dtype; elsewhere a plain dequantized copy of quantized layers) and fp32 copies; AMX tiles where
-    some quantized layer has them; lossy int8/int4 copies where the runner may approximate (a draft)."""
+    some quantized layer has them; lossy int8/int4 copies where the runner may approximate (a draft),
+    and minitree's own q4 copies where its kernel runs."""
     w = model.model.embed_tokens.weight
     found = ["native"]
     cpu = w.device.type == "cpu"
@@ -70,7 +72,11 @@ def settings(model, lossy: bool = False) -> list[str]:
         else:
             found += ["float", "fp32"] if any(m.quantized for m in form_layers(model)) else ["fp32"]
     if lossy and cpu:
-        found += [s for s in LOSSY if s == "int8" or all(m.in_features % 32 == 0 for m in form_layers(model))]
+        found.append("int8")
+        if all(m.in_features % INT4_GROUP == 0 for m in form_layers(model)):
+            found.append("int4")
+        if q4_runs(w.dtype) and any(m.q4_fits for m in form_layers(model)):
+            found.append("q4")
     return found
 
 
@@ -82,6 +88,8 @@ def probe_key(model, lossy: bool = False) -> str:
                             model.lm_head.out_features],
                      quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=ROWS,
                      fp32_packed=packs(torch.float32))
+    if "q4" in signature["settings"]:  # its kernel is minitree's own: measured again when it changes
+        signature["q4_code"] = source_version()
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,7 +132,7 @@ def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[st
         run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
         row = []
         for r in ROWS:
-            if setting == "gemv" and r > GEMV_PROBE_ROWS:
+            if setting in ("gemv", "q4") and r > GROWS_PROBE_ROWS:
                 row.append(math.inf)
                 continue
             xs = {}

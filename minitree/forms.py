@@ -19,6 +19,10 @@ Kernel settings, and the form each layer uses for them:
           cost far less in fp32; the same weights at higher precision, the output cast back
   int8    lossy: weight-only int8, one scale per output channel (drafts only: a draft proposes)
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
+  q4      lossy: minitree's own 4-bit form (kernels.py): the same min-max levels per 32 inputs, with
+          fp16 scales and offsets, kept in groups of 16 outputs for its AVX512_BF16 vector kernel,
+          about 1.5x torch's int4 kernel on a draft's one-row forwards (drafts only; bf16, on CPUs
+          with AVX512_BF16; a layer whose shape does not form its groups uses int4)
   tiles   a quantized layer that can (GGUF Q4_K/Q6_K on a CPU with AMX): its blocks regrouped by 16
           outputs for AMX tile multiplies (one row: a vector kernel over the same groups), the same
           weights exactly; other layers use "packed"
@@ -34,11 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EngineError
-from .machine import packs
+from .kernels import kernels
+from .machine import machine, packs
 
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
 PACK_ROWS = 16  # the batch size oneDNN packs weights for: near its best from 2 to 128 rows (1: only 1 row)
-LOSSY = ("int8", "int4")
+Q4_GROUP = (16, 128)  # q4: its layers' outputs and inputs come in multiples of these
+LOSSY = ("int8", "int4", "q4")
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,6 +97,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 @packed_linear.register_fake
 def _(x, packed):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def q4_runs(dtype: torch.dtype) -> bool:
+    """Whether the q4 form serves activations of `dtype` here (its kernel: bf16, AVX512_BF16)."""
+    return dtype == torch.bfloat16 and "avx512_bf16" in machine()["isa"] and kernels().q4()
 
 
 def packed_linear_bias(x, packed, bias):
@@ -185,7 +196,13 @@ class FormLinear(nn.Module):
             return "float" if self.quantized else "native"
         if setting == "tiles":
             return "tiles" if self.source.tiled else "packed"
+        if setting == "q4":
+            return "q4" if self.q4_fits else "int4" if self.in_features % INT4_GROUP == 0 else "native"
         return setting
+
+    @property
+    def q4_fits(self) -> bool:
+        return self.out_features % Q4_GROUP[0] == 0 and self.in_features % Q4_GROUP[1] == 0
 
     def serve(self, rows: dict[str, frozenset]) -> None:
         """Serve the forwards of each row count in `rows[setting]` in that setting's form."""
@@ -196,7 +213,7 @@ class FormLinear(nn.Module):
     def copies(self) -> dict[str, list[torch.Tensor]]:
         """The copies made so far: form -> its tensors."""
         names = dict(float=("weight_float",), packed=("packed",), fp32=("weight32", "bias32"),
-                     int8=("qweight", "scale"), int4=("qweight4", "scales_zeros"), tiles=("tiles",))
+                     int8=("qweight", "scale"), int4=("qweight4", "scales_zeros"), q4=("q4",), tiles=("tiles",))
         return {form: [getattr(self, n) for n in ns if getattr(self, n, None) is not None]
                 for form, ns in names.items() if hasattr(self, ns[0])}
 
@@ -222,6 +239,8 @@ class FormLinear(nn.Module):
             self.qweight, self.scale = int8_weights(self.float_weight())
         elif form == "int4":
             self.qweight4, self.scales_zeros = int4_weights(self.float_weight())
+        elif form == "q4":
+            self.q4, self.q4_mm = kernels().q4_pack(self.float_weight()), kernels().q4_mm
         elif form == "tiles":
             self.tiles = self.source.tile()
         else:
@@ -240,6 +259,9 @@ class FormLinear(nn.Module):
             return linear(x.float(), self.weight32, self.bias32).to(x.dtype)
         if form == "tiles":
             return self.source.tiled_forward(x, self.tiles)
+        if form == "q4":
+            y = self.q4_mm(x.reshape(-1, x.shape[-1]), self.q4).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         if form == "int8":
             return int8_linear(x, self.qweight, self.scale, self.bias)
         return int4_linear(x, self.qweight4, self.scales_zeros, self.bias)

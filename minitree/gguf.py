@@ -22,11 +22,6 @@ that cheaper.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import sys
-import sysconfig
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +31,7 @@ from torch import nn
 from .config import from_hf_config
 from .errors import LoadError
 from .forms import QuantLinear
-from .machine import machine
+from .kernels import kernels, source_version
 
 SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
@@ -48,40 +43,6 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-CSRC = Path(__file__).resolve().parent / "csrc" / "gguf.cpp"
-
-
-@functools.lru_cache(maxsize=None)
-def kernels():
-    """torch.ops.minitree_gguf, built on first use for this machine's instruction set (cached by
-    torch in ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
-    from torch.utils import cpp_extension
-    isa = hashlib.sha1(" ".join(machine()["isa"]).encode()).hexdigest()[:8]
-    scripts = sysconfig.get_path("scripts")  # pip's ninja, also when its virtual environment is not activated
-    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    # said only when it takes a while: a build already cached for this source loads in well under that
-    slow = threading.Timer(3.0, lambda: print("building minitree's GGUF kernels for this CPU (once, about a minute)",
-                                              file=sys.stderr, flush=True))
-    slow.start()
-    try:
-        cpp_extension.load(name=f"minitree_gguf_{isa}", sources=[str(CSRC)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-    except (RuntimeError, OSError, ImportError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LoadError(f"building the GGUF kernels failed ({first}); they need a C++ compiler (g++) and "
-                        f"ninja; or load the file dequantized (--dequantize)") from None
-    finally:
-        slow.cancel()
-    torch.library.register_fake("minitree_gguf::mm")(lambda x, w, kind: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("minitree_gguf::tiled_mm")(lambda x, t, kind: x.new_empty(x.shape[0], 16 * t.shape[0]))
-    return torch.ops.minitree_gguf
-
-
-@functools.lru_cache(maxsize=None)
-def source_version() -> str:
-    """The kernels' source, hashed (a GGUFLinear's `code`)."""
-    return hashlib.sha1(CSRC.read_bytes()).hexdigest()[:12]
 
 
 class GGUFLinear(QuantLinear):

@@ -8,7 +8,8 @@ import torch
 import minitree
 import minitree.costs as costs
 from minitree.costs import ROWS, Plan
-from minitree.forms import Int4Linear, Int8Linear
+from minitree.forms import Int4Linear, Int8Linear, int4_linear, int4_weights, q4_runs
+from minitree.kernels import kernels
 from minitree.machine import packs
 from reference import causal, plain
 
@@ -88,14 +89,16 @@ def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch)
     monkeypatch.setattr(costs, "CACHE", tmp_path / "costs.json")
     draft = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), Plan(), lossy=True).model
     measured = costs.cached_probe(draft, "tiny draft", lossy=True)
-    assert set(measured) == {"native", "gemv", "fp32", "int8", "int4"} | ({"packed"} if packs(torch.bfloat16) else set())
+    assert set(measured) == ({"native", "gemv", "fp32", "int8", "int4"} | ({"packed"} if packs(torch.bfloat16) else set())
+                             | ({"q4"} if q4_runs(torch.bfloat16) else set()))
     assert all(0 < t < 1 for t in measured["native"]) and math.isinf(measured["gemv"][-1])
     monkeypatch.setattr(costs, "probe", lambda *a, **k: pytest.fail("measured twice"))
     assert costs.cached_probe(draft, lossy=True) == measured
     measured_run = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), "measure", lossy=True)
     plan, head = measured_run.plan, measured_run.model.lm_head
-    for form in ("int8", "int4"):
-        assert {r for r, f in head.form_of.items() if f == form} == {r for r in range(1, 129) if plan.setting(r) == form}
+    for form in ("int8", "int4", "q4"):  # the lm_head (64 inputs) takes int4 where the plan says q4
+        assert {r for r, f in head.form_of.items() if f == form} == {r for r in range(1, 129)
+                                                                      if head.form(plan.setting(r)) == form}
     target = runner(minitree.load(pair_dirs[0], dtype=torch.bfloat16), Plan()).model  # another model: another key
     monkeypatch.setattr(costs, "probe", lambda *a, **k: {"native": [1.0] * len(ROWS)})
     assert costs.cached_probe(target) == {"native": [1.0] * len(ROWS)}
@@ -132,6 +135,44 @@ def test_quantized_target_is_decoded_losslessly(pair_dirs, kind):
     ids = torch.tensor(PROMPT)
     ours, ref = causal(target)(ids), causal(float_target)(ids)
     assert (ours - ref).norm() / ref.norm() < (0.03 if kind == "int8" else 0.3)  # measured: 0.009, 0.11
+
+
+needs_q4 = pytest.mark.skipif(not q4_runs(torch.bfloat16), reason="the q4 form's kernel needs AVX512_BF16")
+
+
+@needs_q4
+def test_q4_products():
+    """Weights on its levels (a power-of-two step, every group spanning 16 of them) come back exactly:
+    the product is the float one up to summation order and bf16 output. Each row's result is the same
+    alone or with others; on random weights the error is int4's (same levels, finer scales)."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (48, 256))
+    q[:, ::32], q[:, 1::32] = 0, 15  # every group of 32 spans the 16 levels
+    w = (0.25 * q - 1).to(torch.bfloat16)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    packed = kernels().q4_pack(w)
+    y = kernels().q4_mm(x, packed)
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=1e-2, atol=1e-2)
+    assert torch.equal(torch.cat([kernels().q4_mm(x[i:i + 1], packed) for i in range(5)]), y)
+    w = torch.randn(48, 256, dtype=torch.bfloat16)
+    ref = x.float() @ w.float().T
+    err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
+    assert err(kernels().q4_mm(x, kernels().q4_pack(w))) < 1.1 * err(int4_linear(x, *int4_weights(w), None)) < 0.2
+    with pytest.raises(RuntimeError, match="do not form groups"):
+        kernels().q4_pack(torch.randn(48, 96))
+
+
+@needs_q4
+def test_a_q4_draft_is_lossless(pair_dirs):
+    """A bf16 draft in the q4 form (its layers whose shapes do not form q4 groups in int4) proposes
+    for an fp32 target: the output is the target's plain decoding."""
+    target = minitree.load(pair_dirs[0])
+    q4_plan = Plan(dict(native=[1.0] * len(ROWS), q4=[0.5] * len(ROWS)))
+    draft = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), q4_plan, lossy=True)
+    down, head = draft.model.model.layers[0].mlp.down_proj, draft.model.lm_head  # 128 -> 64; 64 -> 256
+    assert down.form_of == dict.fromkeys(range(1, 129), "q4") and head.form_of == dict.fromkeys(range(1, 129), "int4")
+    result = minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256).generate(PROMPT, 40)
+    assert result.tokens == plain(target, PROMPT, 40) and result.stats.tau > 1.2
 
 
 def test_quantize_rejects_unknown_kinds(pair):

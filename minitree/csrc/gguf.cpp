@@ -470,9 +470,10 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // ---------------------------------------------------------------------------------------------
-// Q4_K and Q6_K on AMX tiles, for forwards of 2 or more rows (verify passes). One tile multiply
+// Weights regrouped by 16 outputs. Q4_K and Q6_K ("tiles" form) on AMX tiles for forwards of 2 or
+// more rows (verify passes), one row by vector_group; minitree's own lossy 4-bit draft form ("q4",
+// TQ4) by vector_group at every row count (AVX512_BF16 only, no AMX needed). One tile multiply
 // takes up to 16 activation rows' inputs of one sub-block (A: rows x 32 bf16 for Q4_K, 16 for
 // Q6_K, read straight from x) and the same sub-block of 16 output rows' weights (B: pairs of
 // weights per output, bf16, exact as above), giving the rows x 16 sub-block sums in fp32 (C);
@@ -488,40 +489,6 @@ static torch::Tensor mm_bf16(const torch::Tensor& x, const torch::Tensor& w) {
 //   Q6_K group block (3360 bytes): d[16] (fp16); sc[16][16] (int8); per sub-block j (16 weights):
 //     4 x 32 bytes of low 4 bits (byte 2o + e of row p < 4: weight 2p + e low, 2p + 8 + e high), then
 //     2 x 32 bytes of high 2 bits (byte 2o + e of row h: weights 2(4h + t) + e at bits 2t).
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AMX_PATH 1
-
-static bool amx() {  // Linux hands out the tile registers' state on request, once per process
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0, 3: C [R, 16 fp32]; 1, 4: A [R, S bf16]; 2, 5: B [S / 2 pairs, 16 pairs]; S: a sub-block's weights.
-static void configure_tiles(int R, int S) {
-  TileConfig c;
-  for (int t : {0, 3}) c.rows[t] = R, c.colsb[t] = 64;
-  for (int t : {1, 4}) c.rows[t] = R, c.colsb[t] = 2 * S;
-  for (int t : {2, 5}) c.rows[t] = S / 2, c.colsb[t] = 64;
-  _tile_loadconfig(&c);
-}
-
-// C = A B of one sub-block, stored to c (tile numbers are literals: gcc's intrinsics are macros).
-#define SUB_BLOCK_SUMS(C, A, Bt, a, lda, b, c) \
-  do {                                         \
-    _tile_loadd(A, a, lda);                    \
-    _tile_loadd(Bt, b, 64);                    \
-    _tile_zero(C);                             \
-    _tile_dpbf16ps(C, A, Bt);                  \
-    _tile_stored(C, c, 64);                    \
-  } while (0)
-
 static inline uint8_t q4_k_at(const uint8_t* b, int k) {  // weight k's 4-bit q in a Q4_K block
   const uint8_t byte = b[16 + 32 * (k / 64) + k % 32];
   return k % 64 < 32 ? byte & 0xF : byte >> 4;
@@ -533,8 +500,24 @@ static inline uint8_t q6_k_at(const uint8_t* b, int k) {  // weight k's 6-bit q 
   return (s < 2 ? low & 0xF : low >> 4) | high << 4;
 }
 
+// emit(p, row) for the 16 pair rows p of one sub-block of 32 weights of 16 outputs, bf16(16 + q) each,
+// from its 256 bytes of nibbles: in the 32-bit word of output o of the c-th 64 bytes, nibble k of the
+// low 16 bits holds weight 8c + 2k and of the high 16 bits weight 8c + 2k + 1.
+template <class Emit>
+static inline void nibble_rows(const uint8_t* s, Emit emit) {
+  const __m512i nib = _mm512_set1_epi16(0x78), bias = _mm512_set1_epi16(0x4180);  // q << 3 | bf16(16)
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v = _mm512_loadu_si512(s + 64 * c);
+    emit(4 * c, bits_or(_mm512_slli_epi16(v, 3), nib, bias));
+    emit(4 * c + 1, bits_or(_mm512_srli_epi16(v, 1), nib, bias));
+    emit(4 * c + 2, bits_or(_mm512_srli_epi16(v, 5), nib, bias));
+    emit(4 * c + 3, bits_or(_mm512_srli_epi16(v, 9), nib, bias));
+  }
+}
+
 struct TQ4_K {
   static constexpr int bytes = 2368, sub = 32, subs = 8;
+  static constexpr bool mins = true;  // sums scaled, plus the activations' sums times offsets
   static void repack(const uint8_t* const* rows, uint8_t* g) {  // 16 outputs' blocks -> one group block
     for (int o = 0; o < 16; ++o) {
       const uint8_t* b = rows[o];
@@ -564,21 +547,13 @@ struct TQ4_K {
       offset[j] = _mm512_fnmadd_ps(bytes(192 + 16 * j), dmin, _mm512_mul_ps(scale[j], _mm512_set1_ps(-16.0f)));
     }
   }
-  template <class Emit>  // emit(p, row): pair row p < 16 of sub-block j, bf16(16 + q) pairs of 16 outputs
-  static inline void decode(const uint8_t* g, int j, Emit emit) {
-    const __m512i nib = _mm512_set1_epi16(0x78), bias = _mm512_set1_epi16(0x4180);  // q << 3 | bf16(16)
-    for (int c = 0; c < 4; ++c) {
-      const __m512i v = _mm512_loadu_si512(g + 320 + 256 * j + 64 * c);
-      emit(4 * c, bits_or(_mm512_slli_epi16(v, 3), nib, bias));
-      emit(4 * c + 1, bits_or(_mm512_srli_epi16(v, 1), nib, bias));
-      emit(4 * c + 2, bits_or(_mm512_srli_epi16(v, 5), nib, bias));
-      emit(4 * c + 3, bits_or(_mm512_srli_epi16(v, 9), nib, bias));
-    }
-  }
+  template <class Emit>
+  static inline void decode(const uint8_t* g, int j, Emit emit) { nibble_rows(g + 320 + 256 * j, emit); }
 };
 
 struct TQ6_K {
   static constexpr int bytes = 3360, sub = 16, subs = 16;
+  static constexpr bool mins = false;
   static void repack(const uint8_t* const* rows, uint8_t* g) {
     for (int o = 0; o < 16; ++o) {
       const uint8_t* b = rows[o];
@@ -623,68 +598,75 @@ struct TQ6_K {
   }
 };
 
+// minitree's own lossy 4-bit form for drafts ("q4", made by q4_pack from float weights): per 16
+// outputs x 128 inputs, 1280 bytes: an fp16 scale[4][16] and offset[4][16] per sub-block of 32 inputs
+// and output, then each sub-block's 256 bytes of nibbles as in TQ4_K: w = scale * (16 + q) + offset.
+struct TQ4 {
+  static constexpr int bytes = 1280, sub = 32, subs = 4;
+  static constexpr bool mins = true;
+  static inline void head(const uint8_t* g, __m512* scale, __m512* offset) {
+    for (int j = 0; j < 4; ++j) {
+      scale[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32 * j)));
+      offset[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 128 + 32 * j)));
+    }
+  }
+  template <class Emit>
+  static inline void decode(const uint8_t* g, int j, Emit emit) { nibble_rows(g + 256 + 256 * j, emit); }
+};
+
 // A sub-block's share of a group block's cache lines (what the kernels prefetch per sub-block).
 template <class T>
 static constexpr int sub_lines = (T::bytes + 64 * T::subs - 1) / (64 * T::subs);
 
-// Outputs of one group of 16 for R <= 16 rows of x (row stride K; xs: Q4_K's sub-block sums [R][K / 32]).
+// The weights one block of T spans.
 template <class T>
-static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, int R, const float* xs,
-                        c10::BFloat16* y, int64_t ldy) {
-  constexpr bool Q4K = std::is_same_v<T, TQ4_K>;
-  alignas(64) uint16_t b0[16][32], b1[16][32];
-  alignas(64) float c0[16][16], c1[16][16];
-  __m512 acc[16], scale[T::subs], offset[T::subs];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
-    T::head(g, scale, offset);
-    for (int j = 0; j < T::subs; j += 2) {
-      const int64_t k = 256 * i + T::sub * j;  // the sub-block's first input
-      prefetch(g + 64 * sub_lines<T> * j, 2 * sub_lines<T>);
-      T::decode(g, j, [&](int p, __m512i row) { _mm512_store_si512(b0[p], row); });
-      T::decode(g, j + 1, [&](int p, __m512i row) { _mm512_store_si512(b1[p], row); });
-      SUB_BLOCK_SUMS(0, 1, 2, x + k, 2 * K, b0, c0);
-      SUB_BLOCK_SUMS(3, 4, 5, x + k + T::sub, 2 * K, b1, c1);
-      for (int r = 0; r < R; ++r) {
-        __m512 a = _mm512_fmadd_ps(_mm512_load_ps(c0[r]), scale[j], acc[r]);
-        a = _mm512_fmadd_ps(_mm512_load_ps(c1[r]), scale[j + 1], a);
-        if constexpr (Q4K) {
-          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32]), offset[j], a);
-          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32 + 1]), offset[j + 1], a);
-        }
-        acc[r] = a;
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r])));
-}
+static constexpr int block_k = T::sub * T::subs;
 
-// The same outputs for one row, without tiles (a tile multiply costs as much for 1 row as for 16):
-// each pair row of weights, decoded as for B, is multiplied with the row's two inputs broadcast
-// (vdpbf16ps: 16 outputs' pair products, summed in fp32), four sums per sub-block, then scaled.
-template <class T>
+// The outputs of one group of 16 for NR <= 4 rows of x (row stride K; y: row stride ldy), without
+// tiles: each pair row of weights, decoded as for B, is multiplied with each row's two inputs
+// broadcast (vdpbf16ps: 16 outputs' pair products, summed in fp32), four sums per row and sub-block,
+// then scaled. Each row's arithmetic is the same whatever NR, so a row rounds alike in every batch.
+template <class T, int NR = 1>
 static void vector_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, const float* xs,
-                         c10::BFloat16* y) {
-  __m512 acc = _mm512_setzero_ps(), scale[T::subs], offset[T::subs];
+                         c10::BFloat16* y, int64_t ldy = 0) {
+  __m512 acc[NR], scale[T::subs], offset[T::subs];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
     T::head(g, scale, offset);
     for (int j = 0; j < T::subs; ++j) {
-      const int64_t k = 256 * i + T::sub * j;
+      const int64_t k = block_k<T> * i + T::sub * j;
       prefetch(g + 64 * sub_lines<T> * j, sub_lines<T>);
-      __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __m512 sums[NR][4];
+      for (int r = 0; r < NR; ++r)
+        for (int a = 0; a < 4; ++a) sums[r][a] = _mm512_setzero_ps();
       T::decode(g, j, [&](int p, __m512i row) {
-        int32_t pair;
-        std::memcpy(&pair, x + k + 2 * p, 4);
-        sums[p % 4] = _mm512_dpbf16_ps(sums[p % 4], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)),
-                                       reinterpret_cast<__m512bh>(row));
+        for (int r = 0; r < NR; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, x + r * K + k + 2 * p, 4);
+          sums[r][p % 4] = _mm512_dpbf16_ps(sums[r][p % 4], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)),
+                                            reinterpret_cast<__m512bh>(row));
+        }
       });
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3]));
-      acc = _mm512_fmadd_ps(sum, scale[j], acc);
-      if constexpr (std::is_same_v<T, TQ4_K>) acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[k / 32]), offset[j], acc);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(sums[r][0], sums[r][1]), _mm512_add_ps(sums[r][2], sums[r][3]));
+        acc[r] = _mm512_fmadd_ps(sum, scale[j], acc[r]);
+        if constexpr (T::mins) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32]), offset[j], acc[r]);
+      }
     }
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc)));
+  for (int r = 0; r < NR; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r])));
+}
+
+template <class T>
+static void vector_rows(int nr, const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, const float* xs,
+                        c10::BFloat16* y, int64_t ldy) {
+  switch (nr) {
+    case 1: return vector_group<T, 1>(g, blocks, x, K, xs, y, ldy);
+    case 2: return vector_group<T, 2>(g, blocks, x, K, xs, y, ldy);
+    case 3: return vector_group<T, 3>(g, blocks, x, K, xs, y, ldy);
+    default: return vector_group<T, 4>(g, blocks, x, K, xs, y, ldy);
+  }
 }
 
 template <class T, class F>
@@ -707,6 +689,131 @@ static torch::Tensor tile(const torch::Tensor& w, int64_t K) {  // the file's bl
   return t;
 }
 
+// Float weights [O, K] -> TQ4 groups [O / 16, K / 128 * 1280]: per output and 32 inputs, min-max
+// 4-bit levels (the scale and offset rounded to fp16 first, the levels fitted to the rounded ones).
+static torch::Tensor q4_pack(const torch::Tensor& w) {
+  const int64_t O = w.size(0), K = w.size(1);
+  TORCH_CHECK(O % 16 == 0 && K % block_k<TQ4> == 0, "q4 pack: ", O, "x", K, " weights do not form groups of 16 ",
+              "outputs x ", block_k<TQ4>, " inputs");
+  const auto wf = w.to(torch::kFloat).contiguous();
+  const float* wp = wf.data_ptr<float>();
+  torch::Tensor t = torch::empty({O / 16, K / block_k<TQ4> * TQ4::bytes}, w.options().dtype(torch::kUInt8));
+  uint8_t* tp = t.data_ptr<uint8_t>();
+  at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi)
+      for (int64_t i = 0; i < K / block_k<TQ4>; ++i) {
+        uint8_t* g = tp + gi * t.size(1) + i * TQ4::bytes;
+        for (int o = 0; o < 16; ++o)
+          for (int j = 0; j < 4; ++j) {
+            const float* v = wp + (16 * gi + o) * K + block_k<TQ4> * i + 32 * j;
+            float lo = v[0], hi = v[0];
+            for (int e = 1; e < 32; ++e) lo = std::min(lo, v[e]), hi = std::max(hi, v[e]);
+            const c10::Half scale(std::max((hi - lo) / 15, 1e-7f)), offset(lo - 16 * static_cast<float>(scale));
+            const float step = scale, first = static_cast<float>(offset) + 16 * step;  // the value of q = 0
+            std::memcpy(g + 2 * (16 * j + o), &scale.x, 2);
+            std::memcpy(g + 128 + 2 * (16 * j + o), &offset.x, 2);
+            uint8_t q[32];
+            for (int e = 0; e < 32; ++e) q[e] = static_cast<uint8_t>(std::clamp(std::nearbyint((v[e] - first) / step), 0.0f, 15.0f));
+            for (int c = 0; c < 4; ++c)
+              for (int h = 0; h < 2; ++h) {
+                uint16_t word = 0;
+                for (int n = 0; n < 4; ++n) word |= q[8 * c + 2 * n + h] << (4 * n);
+                std::memcpy(g + 256 + 256 * j + 64 * c + 4 * o + 2 * h, &word, 2);
+              }
+          }
+      }
+  });
+  return t;
+}
+
+static torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& t) {
+  const int64_t R = x.size(0), K = x.size(1), O = 16 * t.size(0), blocks = K / block_k<TQ4>;
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && K % block_k<TQ4> == 0 && t.size(1) == blocks * TQ4::bytes,
+              "q4 mm: bf16 x of ", K, " features does not match groups of ", t.size(1), " bytes");
+  const auto xc = x.contiguous();
+  auto y = torch::empty({R, O}, x.options());
+  const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
+  const std::vector<float> xs = sums32(xp, R * K / 32);
+  const uint8_t* tp = t.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)  // a group's weights are read from memory once, for every row
+      for (int64_t r = 0; r < R; r += 4)
+        vector_rows<TQ4>(static_cast<int>(std::min<int64_t>(4, R - r)), tp + g * t.size(1), blocks, xp + r * K, K,
+                         xs.data() + r * (K / 32), yp + r * O + 16 * g, O);
+  });
+  return y;
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ---------------------------------------------------------------------------------------------
+// AMX tiles: the Q4_K and Q6_K groups above, for 2 to 16 rows.
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_PATH 1
+
+static bool amx() {  // Linux hands out the tile registers' state on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0, 3: C [R, 16 fp32]; 1, 4: A [R, S bf16]; 2, 5: B [S / 2 pairs, 16 pairs]; S: a sub-block's weights.
+static void configure_tiles(int R, int S) {
+  TileConfig c;
+  for (int t : {0, 3}) c.rows[t] = R, c.colsb[t] = 64;
+  for (int t : {1, 4}) c.rows[t] = R, c.colsb[t] = 2 * S;
+  for (int t : {2, 5}) c.rows[t] = S / 2, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// C = A B of one sub-block, stored to c (tile numbers are literals: gcc's intrinsics are macros).
+#define SUB_BLOCK_SUMS(C, A, Bt, a, lda, b, c) \
+  do {                                         \
+    _tile_loadd(A, a, lda);                    \
+    _tile_loadd(Bt, b, 64);                    \
+    _tile_zero(C);                             \
+    _tile_dpbf16ps(C, A, Bt);                  \
+    _tile_stored(C, c, 64);                    \
+  } while (0)
+
+// Outputs of one group of 16 for R <= 16 rows of x (row stride K; xs: Q4_K's sub-block sums [R][K / 32]).
+template <class T>
+static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, int R, const float* xs,
+                        c10::BFloat16* y, int64_t ldy) {
+    alignas(64) uint16_t b0[16][32], b1[16][32];
+  alignas(64) float c0[16][16], c1[16][16];
+  __m512 acc[16], scale[T::subs], offset[T::subs];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i, g += T::bytes) {
+    T::head(g, scale, offset);
+    for (int j = 0; j < T::subs; j += 2) {
+      const int64_t k = block_k<T> * i + T::sub * j;  // the sub-block's first input
+      prefetch(g + 64 * sub_lines<T> * j, 2 * sub_lines<T>);
+      T::decode(g, j, [&](int p, __m512i row) { _mm512_store_si512(b0[p], row); });
+      T::decode(g, j + 1, [&](int p, __m512i row) { _mm512_store_si512(b1[p], row); });
+      SUB_BLOCK_SUMS(0, 1, 2, x + k, 2 * K, b0, c0);
+      SUB_BLOCK_SUMS(3, 4, 5, x + k + T::sub, 2 * K, b1, c1);
+      for (int r = 0; r < R; ++r) {
+        __m512 a = _mm512_fmadd_ps(_mm512_load_ps(c0[r]), scale[j], acc[r]);
+        a = _mm512_fmadd_ps(_mm512_load_ps(c1[r]), scale[j + 1], a);
+        if constexpr (T::mins) {
+          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32]), offset[j], a);
+          a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * (K / 32) + k / 32 + 1]), offset[j + 1], a);
+        }
+        acc[r] = a;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[r])));
+}
+
 template <class T>
 static torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& t) {
   const int64_t R = x.size(0), K = x.size(1), O = 16 * t.size(0), blocks = K / 256;
@@ -716,7 +823,7 @@ static torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& t) {
   const auto xc = x.contiguous();
   auto y = torch::empty({R, O}, x.options());
   const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
-  const std::vector<float> xs = sums32(xp, std::is_same_v<T, TQ4_K> ? R * K / 32 : 0);
+  const std::vector<float> xs = sums32(xp, T::mins ? R * K / 32 : 0);
   const uint8_t* tp = t.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, O / 16, 1, [&](int64_t g0, int64_t g1) {
@@ -845,6 +952,35 @@ torch::Tensor gguf_tiled_mm(torch::Tensor x, torch::Tensor t, int64_t type) {
   TORCH_CHECK(false, "gguf tiled mm: no tiled kernel for GGUF type ", type, " on this CPU");
 }
 
+// float weights [O, K] -> minitree's lossy 4-bit groups ("q4": drafts only).
+torch::Tensor gguf_q4_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_floating_point(), "q4 pack: w [O, K] float");
+#ifdef BF16_PATH
+  return q4_pack(w);
+#else
+  TORCH_CHECK(false, "q4 pack: this CPU has no AVX512_BF16");
+#endif
+}
+
+// x [R, K] bf16, t: q4_pack's groups -> [R, O] bf16.
+torch::Tensor gguf_q4_mm(torch::Tensor x, torch::Tensor t) {
+  TORCH_CHECK(x.dim() == 2 && t.dim() == 2 && t.scalar_type() == torch::kUInt8, "q4 mm: x [R, K], t [O / 16, bytes]");
+#ifdef BF16_PATH
+  return q4_mm(x, t);
+#else
+  TORCH_CHECK(false, "q4 mm: this CPU has no AVX512_BF16");
+#endif
+}
+
+// Whether this build can run the q4 form (q4_pack, q4_mm).
+bool gguf_q4() {
+#ifdef BF16_PATH
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Whether this build and process can use AMX tiles (tile, tiled_mm).
 bool gguf_amx() {
 #ifdef AMX_PATH
@@ -856,6 +992,9 @@ bool gguf_amx() {
 
 TORCH_LIBRARY(minitree_gguf, m) {
   m.def("amx", &gguf_amx);
+  m.def("q4", &gguf_q4);
+  m.def("q4_pack(Tensor w) -> Tensor");
+  m.def("q4_mm(Tensor x, Tensor t) -> Tensor");
   m.def("tile(Tensor w, int type, int K) -> Tensor");
   m.def("tiled_mm(Tensor x, Tensor t, int type) -> Tensor");
   m.def("mm(Tensor x, Tensor w, int type) -> Tensor");
@@ -867,4 +1006,6 @@ TORCH_LIBRARY_IMPL(minitree_gguf, CPU, m) {
   m.impl("dequantize", &gguf_dequantize);
   m.impl("tile", &gguf_tile);
   m.impl("tiled_mm", &gguf_tiled_mm);
+  m.impl("q4_pack", &gguf_q4_pack);
+  m.impl("q4_mm", &gguf_q4_mm);
 }
