@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EngineError
+from .errors import EngineError, LoadError
 from .kernels import kernels
 from .machine import machine, packs
 
@@ -100,8 +100,14 @@ def _(x, packed):
 
 
 def q4_runs(dtype: torch.dtype) -> bool:
-    """Whether the q4 form serves activations of `dtype` here (its kernel: bf16, AVX512_BF16)."""
-    return dtype == torch.bfloat16 and "avx512_bf16" in machine()["isa"] and kernels().q4()
+    """Whether the q4 form serves activations of `dtype` here (its kernel: bf16, AVX512_BF16, built
+    with the machine's C++ compiler; without one, the other lossy forms serve)."""
+    if dtype != torch.bfloat16 or "avx512_bf16" not in machine()["isa"]:
+        return False
+    try:
+        return kernels().q4()
+    except LoadError:
+        return False
 
 
 def packed_linear_bias(x, packed, bias):

@@ -175,6 +175,14 @@ def test_a_q4_draft_is_lossless(pair_dirs):
     assert result.tokens == plain(target, PROMPT, 40) and result.stats.tau > 1.2
 
 
+def test_no_q4_without_a_compiler(monkeypatch):
+    """A float draft never needs a C++ compiler: where minitree's kernels cannot be built, q4 is not offered."""
+    def no_compiler():
+        raise minitree.LoadError("building minitree's kernels failed (no g++)")
+    monkeypatch.setattr(minitree.forms, "kernels", no_compiler)
+    assert not q4_runs(torch.bfloat16) and not q4_runs(torch.float32)
+
+
 def test_quantize_rejects_unknown_kinds(pair):
     with pytest.raises(minitree.EngineError, match="quantization must be one of int8, int4"):
         minitree.quantize(pair[0], "int3")
