@@ -515,6 +515,16 @@ static inline void nibble_rows(const uint8_t* s, Emit emit) {
   }
 }
 
+// The inverse of nibble_rows for output o: its 32 levels q of one sub-block into the sub-block's 256 bytes s.
+static inline void put_nibbles(uint8_t* s, int o, const uint8_t* q) {
+  for (int c = 0; c < 4; ++c)
+    for (int h = 0; h < 2; ++h) {
+      uint16_t word = 0;
+      for (int k = 0; k < 4; ++k) word |= q[8 * c + 2 * k + h] << (4 * k);
+      std::memcpy(s + 64 * c + 4 * o + 2 * h, &word, 2);
+    }
+}
+
 struct TQ4_K {
   static constexpr int bytes = 2368, sub = 32, subs = 8;
   static constexpr bool mins = true;  // sums scaled, plus the activations' sums times offsets
@@ -526,13 +536,11 @@ struct TQ4_K {
       uint8_t sc[8], m[8];
       q4_k_scales(b + 4, sc, m);
       for (int j = 0; j < 8; ++j) g[64 + 16 * j + o] = sc[j], g[192 + 16 * j + o] = m[j];
-      for (int j = 0; j < 8; ++j)
-        for (int c = 0; c < 4; ++c)
-          for (int h = 0; h < 2; ++h) {
-            uint16_t word = 0;
-            for (int k = 0; k < 4; ++k) word |= q4_k_at(b, 32 * j + 8 * c + 2 * k + h) << (4 * k);
-            std::memcpy(g + 320 + 256 * j + 64 * c + 4 * o + 2 * h, &word, 2);
-          }
+      for (int j = 0; j < 8; ++j) {
+        uint8_t q[32];
+        for (int e = 0; e < 32; ++e) q[e] = q4_k_at(b, 32 * j + e);
+        put_nibbles(g + 320 + 256 * j, o, q);
+      }
     }
   }
   static inline void head(const uint8_t* g, __m512* scale, __m512* offset) {
@@ -714,12 +722,7 @@ static torch::Tensor q4_pack(const torch::Tensor& w) {
             std::memcpy(g + 128 + 2 * (16 * j + o), &offset.x, 2);
             uint8_t q[32];
             for (int e = 0; e < 32; ++e) q[e] = static_cast<uint8_t>(std::clamp(std::nearbyint((v[e] - first) / step), 0.0f, 15.0f));
-            for (int c = 0; c < 4; ++c)
-              for (int h = 0; h < 2; ++h) {
-                uint16_t word = 0;
-                for (int n = 0; n < 4; ++n) word |= q[8 * c + 2 * n + h] << (4 * n);
-                std::memcpy(g + 256 + 256 * j + 64 * c + 4 * o + 2 * h, &word, 2);
-              }
+            put_nibbles(g + 256 + 256 * j, o, q);
           }
       }
   });
@@ -786,7 +789,7 @@ static void configure_tiles(int R, int S) {
 template <class T>
 static void tiles_group(const uint8_t* g, int64_t blocks, const c10::BFloat16* x, int64_t K, int R, const float* xs,
                         c10::BFloat16* y, int64_t ldy) {
-    alignas(64) uint16_t b0[16][32], b1[16][32];
+  alignas(64) uint16_t b0[16][32], b1[16][32];
   alignas(64) float c0[16][16], c1[16][16];
   __m512 acc[16], scale[T::subs], offset[T::subs];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
