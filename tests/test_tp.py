@@ -24,15 +24,22 @@ def free_port() -> int:
 def torchrun(scenario: str, out: Path, target, draft, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            str(ROOT / "tp_worker.py"), scenario, str(out), str(target), str(draft)]
-    env = {"MINITREE_TP_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **__import__("os").environ}
+    # PYTHONFAULTHANDLER: a rank that crashes prints its Python stack (why() shows it first)
+    env = {"MINITREE_TP_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **__import__("os").environ}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def why(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun printed: a crashed rank's stack if there is one, else the end."""
+    crash = proc.stderr.find("Fatal Python error")
+    return proc.stderr[crash:crash + 6000] if crash >= 0 else proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(pair_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
     proc = torchrun("check", out, *pair_dirs)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, why(proc)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
