@@ -67,10 +67,10 @@ def settings(model, lossy: bool = False) -> list[str]:
         found.append("gemv")
         if packs(w.dtype):  # packed copies serve every row count a plain dequantized copy would, cheaper
             found += ["packed", "fp32"]
-            if any(m.quantized and m.source.tiled for m in form_layers(model)):
-                found.append("tiles")
         else:
             found += ["float", "fp32"] if any(m.quantized for m in form_layers(model)) else ["fp32"]
+        if any(m.quantized and m.source.tiled for m in form_layers(model)):  # minitree's kernel, not oneDNN's
+            found.append("tiles")
     if lossy and cpu:
         found.append("int8")
         if all(m.in_features % INT4_GROUP == 0 for m in form_layers(model)):

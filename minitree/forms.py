@@ -25,7 +25,7 @@ Kernel settings, and the form each layer uses for them:
           with AVX512_BF16; a layer whose shape does not form its groups uses int4)
   tiles   a quantized layer that can (GGUF Q4_K/Q6_K on a CPU with AMX): its blocks regrouped by 16
           outputs for AMX tile multiplies (one row: a vector kernel over the same groups), the same
-          weights exactly; other layers use "packed"
+          weights exactly; other layers use "packed" (where oneDNN packs their dtype; else as for "float")
 
 Every form but the lossy ones computes with the model's own weights; kernels and precisions
 differ, so bf16 rounds differently from one to another (README, "bf16 and exactness").
@@ -194,6 +194,7 @@ class FormLinear(nn.Module):
         self.source, self.bias = source, source.bias
         self.in_features, self.out_features = source.in_features, source.out_features
         self.quantized = isinstance(source, QuantLinear)
+        self.dtype = source.dtype if self.quantized else source.weight.dtype  # the activations'
         self.form_of: dict[int, str] = {}  # rows -> form; rows not listed: "native"
 
     def form(self, setting: str) -> str:
@@ -201,7 +202,7 @@ class FormLinear(nn.Module):
         if setting in ("gemv", "float"):
             return "float" if self.quantized else "native"
         if setting == "tiles":
-            return "tiles" if self.source.tiled else "packed"
+            return "tiles" if self.source.tiled else "packed" if packs(self.dtype) else self.form("float")
         if setting == "q4":
             return "q4" if self.q4_fits else "int4" if self.in_features % INT4_GROUP == 0 else "native"
         return setting
