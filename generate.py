@@ -88,7 +88,7 @@ def summary(result: minitree.Result, engine: minitree.Engine, compile_s: float, 
 
 def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | None, prompt_file: Path | None,
          chat: bool | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-         dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str,
+         dtype: str, device: str, compile: bool, json_out: bool, max_seq_len: int, attention: str | None,
          deterministic_draft: bool, draft_lossy: bool | None, draft_vocab: int, draft_cutoff: float,
          quantize: str | None = None, plan: str | None = None, dequantize: bool = False, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
@@ -214,7 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the forward passes (default: on)")
-    p.add_argument("--attention", default="flex", choices=["flex", "sdpa"], help="(default: %(default)s)")
+    p.add_argument("--attention", default=None, choices=["exact", "flex", "sdpa"],
+                   help="exact: minitree's CPU kernel, a token rounds alike in every forward (default on CPUs); "
+                        "flex: FlexAttention (default on GPUs); sdpa: dense masks, the reference")
     p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output limit (default: %(default)s)")
     p.add_argument("--json", dest="json_out", action="store_true",
                    help="print one JSON object {tokens, text, stats} instead of streaming text")

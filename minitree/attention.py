@@ -12,9 +12,11 @@ committed prefix. The ancestor relation is an int64 bitmask per node (bit j of
 anc_bits[i] set iff node j is i or an ancestor of i), so a tree holds at most 64 nodes.
 A causal chunk (prefill) is the same rule with `base` beyond every slot.
 
-`attend` runs attention under this rule, with either mask form (FlexAttention's BlockMask,
-or a dense mask for SDPA, the reference); the model calls it in every layer, so the mask is
-built inside the compiled layer from tensors.
+`attend` runs attention under this rule in one of three ways: minitree's own CPU kernel
+("exact", csrc/attention.cpp: each query's sums in the order of the slots it sees, so that a token
+rounds alike whatever shares the forward and wherever the tree starts; the default on CPUs),
+FlexAttention with a BlockMask ("flex": GPUs), or SDPA with a dense mask ("sdpa": the reference).
+The model calls it in every layer, so the mask is built inside the compiled layer from tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+KINDS = ("exact", "flex", "sdpa")
 BLOCK = 128  # FlexAttention block size, in slots and in queries
 NO_TREE = 1 << 40  # a `base` beyond any slot: the rule degenerates to causal-by-slot
 
@@ -80,20 +83,20 @@ class TreeMask(NamedTuple):
     q_node: torch.Tensor  # [T] tree node of each query (0 for causal queries)
     base: torch.Tensor  # [] slot of the tree root; NO_TREE for causal-by-slot
     anc_bits: torch.Tensor  # [n] int64 ancestor bitmask per tree node
-    flex: bool = True  # FlexAttention BlockMask, or a dense bool mask for SDPA
+    kind: str = "flex"  # one of KINDS (module docstring)
     q_slot: torch.Tensor | None = None  # [T'] slots the mask rows stand for, when not the write slots
 
     @classmethod
-    def causal(cls, T: int, device, flex: bool = True) -> "TreeMask":
+    def causal(cls, T: int, device, kind: str = "flex") -> "TreeMask":
         return cls(torch.zeros(T, dtype=torch.long, device=device), torch.tensor(NO_TREE, device=device),
-                   torch.ones(1, dtype=torch.long, device=device), flex)
+                   torch.ones(1, dtype=torch.long, device=device), kind)
 
     def for_one_query(self, slots: torch.Tensor) -> "TreeMask":
         """Compiled flex fails with a single query on CPU (README, "Compilation"): a one-query forward
         masks two identical queries instead (`attend` runs its query twice). The repeated tensors
         are made here, outside the compiled layers: Inductor's CPU flex template takes its mask's
         tensors as inputs only (computed ones leave it without a kernel on one thread)."""
-        return self._replace(q_node=self.q_node.repeat(2), q_slot=slots.repeat(2)) if self.flex else self
+        return self._replace(q_node=self.q_node.repeat(2), q_slot=slots.repeat(2)) if self.kind == "flex" else self
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
@@ -102,7 +105,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: tor
     under the tree rule -> [1, H, T, D]."""
     S, T = keys.shape[2], q.shape[2]
     q_slot = slots if mask.q_slot is None else mask.q_slot
-    if not mask.flex:
+    if mask.kind == "exact":  # the op is loaded by the runner that chose it (kernels.available)
+        return torch.ops.minitree_kernels.attend(q, keys, values, q_slot, mask.q_node, mask.base, mask.anc_bits)
+    if mask.kind == "sdpa":
         dense = dense_mask(q_slot, mask.q_node, mask.base, mask.anc_bits, S)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=dense, enable_gqa=True)
     if q_slot.numel() != T:  # TreeMask.for_one_query

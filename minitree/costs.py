@@ -12,15 +12,16 @@ dtype and quantization. A `Plan` turns those costs into execution shapes:
 
 - rows(n): how many rows a forward of n queries runs (padded where more rows are cheaper);
 - the kernel setting per row count (forms.py): the weights as loaded, oneDNN off, or a copy of
-  the weights (dequantized, packed in oneDNN's layout, fp32; a draft's lossy int8/int4), made
+  a float model's weights (packed in oneDNN's layout, fp32; a draft's lossy int8/int4/q4), made
   where it serves;
 - prefill chunks: a prompt is cut into the cheapest sequence of a few fixed chunk shapes;
 - cost(n): the measured seconds of a forward, for `--tree auto` (auto.py).
 
-A plan changes rounding, not results: fp32 decoding is exact whatever the plan (tested); in
-bf16, forwards of different row counts or kernels may round a near-tie differently. The
-"exact" plan keeps every forward at 4 rows or more on the multi-row kernel, so bf16 chains
-round exactly like plain decoding (README, "bf16 and exactness").
+A plan changes rounding, not results: a quantized model (GGUF) computes the same bits for a row
+at every row count and on every kernel path, and fp32 decoding is exact whatever the plan
+(tested); in bf16, a float model's forwards of different row counts or kernels may round a
+near-tie differently. The "exact" plan keeps every forward at 4 rows or more on the multi-row
+kernel, so a bf16 float model's chains round exactly like its plain decoding (README, "What is exact").
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .kernels import source_version
 from .machine import describe, machine, onednn, packs
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
-GROWS_PROBE_ROWS = 16  # gemv (oneDNN off) and q4 grow ~linearly in rows: not worth timing further
+GROWS_PROBE_ROWS = 16  # gemv (oneDNN off) grows ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
 PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
 CACHE = Path(os.environ.get("MINITREE_CACHE") or Path.home() / ".cache" / "minitree") / "costs.json"
@@ -56,26 +57,21 @@ def form_layers(module) -> list[FormLinear]:
 
 def settings(model, lossy: bool = False) -> list[str]:
     """Kernel settings worth timing for a runner's model (forms.py): the weights as loaded; for
-    half-precision weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs that
-    dtype; elsewhere a plain dequantized copy of quantized layers) and fp32 copies; AMX tiles where
-    some quantized layer has them; lossy int8/int4 copies where the runner may approximate (a draft),
-    and minitree's own q4 copies where its kernel runs."""
+    half-precision float weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs
+    that dtype) and fp32 copies; lossy int8/int4 copies where the runner may approximate (a draft),
+    and q4 copies (Q4_1 on minitree's integer kernel) where that kernel builds. A quantized model
+    keeps its own exact kernel: no float copies."""
     w = model.model.embed_tokens.weight
     found = ["native"]
     cpu = w.device.type == "cpu"
-    if cpu and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
-        found.append("gemv")
-        if packs(w.dtype):  # packed copies serve every row count a plain dequantized copy would, cheaper
-            found += ["packed", "fp32"]
-        else:
-            found += ["float", "fp32"] if any(m.quantized for m in form_layers(model)) else ["fp32"]
-        if any(m.quantized and m.source.tiled for m in form_layers(model)):  # minitree's kernel, not oneDNN's
-            found.append("tiles")
+    quantized = any(m.quantized for m in form_layers(model))
+    if cpu and not quantized and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        found += ["gemv", "packed", "fp32"] if packs(w.dtype) else ["gemv", "fp32"]
     if lossy and cpu:
         found.append("int8")
         if all(m.in_features % INT4_GROUP == 0 for m in form_layers(model)):
             found.append("int4")
-        if q4_runs(w.dtype) and any(m.q4_fits for m in form_layers(model)):
+        if q4_runs() and any(m.q4_fits for m in form_layers(model)):
             found.append("q4")
     return found
 
@@ -89,7 +85,7 @@ def probe_key(model, lossy: bool = False) -> str:
                      quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=ROWS,
                      fp32_packed=packs(torch.float32))
     if "q4" in signature["settings"]:  # its kernel is minitree's own: measured again when it changes
-        signature["q4_code"] = source_version()
+        signature["kernels"] = source_version()
     return hashlib.sha1(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,7 +128,7 @@ def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[st
         run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
         row = []
         for r in ROWS:
-            if setting in ("gemv", "q4") and r > GROWS_PROBE_ROWS:
+            if setting == "gemv" and r > GROWS_PROBE_ROWS:
                 row.append(math.inf)
                 continue
             xs = {}

@@ -79,7 +79,7 @@ class Engine:
 
     def __init__(self, target: Transformer | Runner, draft: Transformer | Runner | None = None,
                  tree: "TreeSpec | str | None" = None, *, max_seq_len: int = 2048, compile: bool = True,
-                 attention: str = "flex", prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0,
+                 attention: str | None = None, prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0,
                  plan: str | None = None, draft_lossy: bool | None = None, cuda_graphs: bool = True):
         if draft is not None and draft is target and isinstance(draft, Runner):
             raise EngineError("the draft needs a runner of its own (each runner holds its own KV cache)")

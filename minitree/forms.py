@@ -9,26 +9,23 @@ runner; the model is never changed.
 
 Kernel settings, and the form each layer uses for them:
 
-  native  the weights as loaded: a float weight through oneDNN, or the quantized layer's kernel
+  native  the weights as loaded: a float weight through oneDNN, or the quantized layer's kernel (a
+          GGUF file's weights: minitree's integer kernel, one rounding for every row count)
   gemv    a float weight with oneDNN off (torch's matrix-vector kernels, the fast one-row kernel
-          on some CPUs); a quantized layer uses its dequantized copy ("float")
-  float   a quantized layer's weights dequantized to the activations' dtype, through oneDNN
-  packed  the float weight (or that dequantized copy) packed once in oneDNN's blocked layout:
-          oneDNN otherwise reorders a plain weight at every call
+          on some CPUs)
+  packed  the float weight packed once in oneDNN's blocked layout: oneDNN otherwise reorders a
+          plain weight at every call
   fp32    an fp32 copy, packed where oneDNN packs fp32: where bf16 is emulated (AVX2), many rows
           cost far less in fp32; the same weights at higher precision, the output cast back
   int8    lossy: weight-only int8, one scale per output channel (drafts only: a draft proposes)
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
-  q4      lossy: minitree's own 4-bit form (kernels.py): the same min-max levels per 32 inputs, with
-          fp16 scales and offsets, kept in groups of 16 outputs for its AVX512_BF16 vector kernel,
-          about 1.5x torch's int4 kernel on a draft's one-row forwards (drafts only; bf16, on CPUs
-          with AVX512_BF16; a layer whose shape does not form its groups uses int4)
-  tiles   a quantized layer that can (GGUF Q4_K/Q6_K on a CPU with AMX): its blocks regrouped by 16
-          outputs for AMX tile multiplies (one row: a vector kernel over the same groups), the same
-          weights exactly; other layers use "packed" (where oneDNN packs their dtype; else as for "float")
+  q4      lossy: the weights requantized to GGUF's Q4_1 (min-max levels per 32 inputs, fp16 scale and
+          minimum) on minitree's integer kernel (drafts only; inputs in multiples of 32, else int4)
 
-Every form but the lossy ones computes with the model's own weights; kernels and precisions
-differ, so bf16 rounds differently from one to another (README, "bf16 and exactness").
+A quantized model (a GGUF file, `--quantize`) has no float forms: its integer kernel is exact and
+rounds alike at every row count, which a float copy would not; a quantized draft may still take the
+lossy forms. Among float forms, kernels and precisions differ, so bf16 rounds differently from one
+to another (README, "What is exact").
 """
 
 from __future__ import annotations
@@ -39,11 +36,10 @@ from torch import nn
 
 from .errors import EngineError, LoadError
 from .kernels import kernels
-from .machine import machine, packs
+from .machine import packs
 
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
 PACK_ROWS = 16  # the batch size oneDNN packs weights for: near its best from 2 to 128 rows (1: only 1 row)
-Q4_GROUP = (16, 128)  # q4: its layers' outputs and inputs come in multiples of these
 LOSSY = ("int8", "int4", "q4")
 
 
@@ -99,13 +95,15 @@ def _(x, packed):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def q4_runs(dtype: torch.dtype) -> bool:
-    """Whether the q4 form serves activations of `dtype` here (its kernel: bf16, AVX512_BF16, built
-    with the machine's C++ compiler; without one, the other lossy forms serve)."""
-    if dtype != torch.bfloat16 or "avx512_bf16" not in machine()["isa"]:
-        return False
+Q4_1 = 3  # the ggml type of the q4 form
+
+
+def q4_runs() -> bool:
+    """Whether the q4 form runs here (minitree's kernels, built with the machine's C++ compiler;
+    without one, the other lossy forms serve)."""
     try:
-        return kernels().q4()
+        kernels()
+        return True
     except LoadError:
         return False
 
@@ -125,7 +123,6 @@ class QuantLinear(nn.Module):
     kind: str
     code: str = ""
     dtype: torch.dtype  # the activations' dtype
-    tiled: bool = False  # whether tile() and tiled_forward() serve it (the "tiles" form)
     in_features: int
     out_features: int
     bias: torch.Tensor | None
@@ -199,17 +196,15 @@ class FormLinear(nn.Module):
 
     def form(self, setting: str) -> str:
         """The form this layer uses for a kernel setting (module docstring)."""
-        if setting in ("gemv", "float"):
-            return "float" if self.quantized else "native"
-        if setting == "tiles":
-            return "tiles" if self.source.tiled else "packed" if packs(self.dtype) else self.form("float")
+        if setting == "gemv":
+            return "native"
         if setting == "q4":
             return "q4" if self.q4_fits else "int4" if self.in_features % INT4_GROUP == 0 else "native"
         return setting
 
     @property
     def q4_fits(self) -> bool:
-        return self.out_features % Q4_GROUP[0] == 0 and self.in_features % Q4_GROUP[1] == 0
+        return self.in_features % 32 == 0
 
     def serve(self, rows: dict[str, frozenset]) -> None:
         """Serve the forwards of each row count in `rows[setting]` in that setting's form."""
@@ -219,23 +214,17 @@ class FormLinear(nn.Module):
 
     def copies(self) -> dict[str, list[torch.Tensor]]:
         """The copies made so far: form -> its tensors."""
-        names = dict(float=("weight_float",), packed=("packed",), fp32=("weight32", "bias32"),
-                     int8=("qweight", "scale"), int4=("qweight4", "scales_zeros"), q4=("q4",), tiles=("tiles",))
+        names = dict(packed=("packed",), fp32=("weight32", "bias32"), int8=("qweight", "scale"),
+                     int4=("qweight4", "scales_zeros"), q4=("q4",))
         return {form: [getattr(self, n) for n in ns if getattr(self, n, None) is not None]
                 for form, ns in names.items() if hasattr(self, ns[0])}
 
     def float_weight(self) -> torch.Tensor:
         """The weights in the activations' dtype: the source's own, or dequantized from it."""
-        if not self.quantized:
-            return self.source.weight.detach()
-        if hasattr(self, "weight_float"):
-            return self.weight_float
-        return self.source.dequantize().to(self.source.dtype)
+        return self.source.dequantize().to(self.dtype) if self.quantized else self.source.weight.detach()
 
     def make(self, form: str) -> None:
-        if form == "float":
-            self.weight_float = self.float_weight()
-        elif form == "packed":  # an opaque oneDNN tensor: an attribute, not a buffer
+        if form == "packed":  # an opaque oneDNN tensor: an attribute, not a buffer
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.float_weight(), PACK_ROWS)
         elif form == "fp32":
             w32 = self.source.dequantize() if self.quantized else self.source.weight.detach().float()
@@ -247,9 +236,9 @@ class FormLinear(nn.Module):
         elif form == "int4":
             self.qweight4, self.scales_zeros = int4_weights(self.float_weight())
         elif form == "q4":
-            self.q4, self.q4_mm = kernels().q4_pack(self.float_weight()), kernels().q4_mm
-        elif form == "tiles":
-            self.tiles = self.source.tile()
+            w = self.source.dequantize() if self.quantized else self.source.weight.detach()
+            self.q4 = kernels().int_repack(kernels().int_quantize(w, Q4_1), Q4_1, self.in_features)
+            self.int_mm = kernels().int_mm
         else:
             raise ValueError(f"unknown weight form {form!r}")
 
@@ -257,17 +246,13 @@ class FormLinear(nn.Module):
         form = self.form_of.get(x.numel() // x.shape[-1], "native")  # rows are static when compiled
         if form == "native":
             return self.source(x)
-        if form == "float":
-            return F.linear(x, self.weight_float, self.bias)
         if form == "packed":
             return packed_linear_bias(x, self.packed, self.bias)
         if form == "fp32":
             linear = packed_linear_bias if self.packed32 else F.linear
             return linear(x.float(), self.weight32, self.bias32).to(x.dtype)
-        if form == "tiles":
-            return self.source.tiled_forward(x, self.tiles)
         if form == "q4":
-            y = self.q4_mm(x.reshape(-1, x.shape[-1]), self.q4).view(*x.shape[:-1], -1)
+            y = self.int_mm(x.reshape(-1, x.shape[-1]), self.q4, Q4_1, self.out_features).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if form == "int8":
             return int8_linear(x, self.qweight, self.scale, self.bias)

@@ -1,22 +1,17 @@
 """GGUF files loaded with their quantized weights kept: linear layers run on the file's own blocks.
 
 `load_gguf` reads a GGUF file (llama.cpp's format) into a Transformer whose linear layers are
-`GGUFLinear`: each holds its weight rows exactly as the file stores them and multiplies them with
-minitree's CPU kernel (csrc/gguf.cpp, built once on first use with the machine's C++ compiler),
-which dequantizes every weight to the value its format defines, in fp32, and accumulates in fp32.
-So for every supported type the weights are the file's, exactly; only the summation order and
-the rounding of the output to the activations' dtype differ from another kernel's.
+`GGUFLinear`: each holds its weights exactly as the file defines them, regrouped once by 16 outputs,
+and multiplies them with minitree's integer kernel (csrc/integer.cpp, built once on first use with
+the machine's C++ compiler): each activation row is quantized to int8 blocks by itself, as
+llama.cpp does, the products are summed in int32 and the scales applied in one fixed order. So a
+row's output has the same bits whatever else shares the forward, on every instruction set's path.
 
 Supported quantized types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K (the default pair's files hold
-Q4_K, Q6_K, Q5_0 and Q8_0; SmolLM2's Q4_1);
-float tensors (F32, F16, BF16) load as float weights. A linear layer of another type is refused
-with one line naming the tensor and its type (`dequantize=True` loads any type transformers reads,
-as float weights). The token embedding is dequantized once to the activations' dtype.
-
-Runners may serve some row counts from a dequantized copy instead (forms.py: "float", "packed",
-"gemv"; bf16 rounds the weights to 8 significant bits), or, on a CPU with AMX, Q4_K and Q6_K from
-the blocks regrouped for its tiles ("tiles": the same weights, exactly), where the plan measured
-that cheaper.
+Q4_K, Q6_K, Q5_0 and Q8_0; SmolLM2's Q4_1); float tensors (F32, F16, BF16) load as float weights.
+A linear layer of another type is refused with one line naming the tensor and its type
+(`dequantize=True` loads any type transformers reads, as float weights). The token embedding is
+dequantized once to the activations' dtype.
 """
 
 from __future__ import annotations
@@ -46,46 +41,39 @@ TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 
 
 class GGUFLinear(QuantLinear):
-    """A linear layer on a GGUF tensor's own blocks: rows [out, bytes per row] of `kind` (a ggml type)."""
+    """A linear layer on a GGUF tensor's weights of `kind` (a ggml type), held as the integer kernel's
+    groups of 16 outputs (`groups`: the file's blocks regrouped, the same bytes per weight)."""
 
-    def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None,
-                 dtype: torch.dtype):
+    def __init__(self, groups: torch.Tensor, kind: str, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.kind, self.qtype, self.dtype = f"gguf-{kind}", int(getattr(_types(), kind)), dtype
         self.code = source_version()
-        self.out_features, self.in_features = blocks.shape[0], in_features
-        self.register_buffer("blocks", blocks)
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("groups", groups)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.mm, self.tiled_mm = kernels().mm, kernels().tiled_mm
+        self.mm = kernels().int_mm
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> GGUFLinear:
+        """From the file's blocks [out, bytes per row]."""
+        groups = kernels().int_repack(blocks, int(getattr(_types(), kind)), in_features)
+        return cls(groups, kind, in_features, blocks.shape[0], bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        y = self.mm(x.reshape(rows, -1), self.blocks, self.qtype).view(*x.shape[:-1], -1)
+        y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> torch.Tensor:
-        return kernels().dequantize(self.blocks, self.qtype, self.in_features)
+        return kernels().int_dequantize(self.groups, self.qtype, self.in_features, self.out_features)
 
     def first_outputs(self, k: int) -> GGUFLinear:
-        """Its first k output rows (each row is blocks of its own)."""
+        """Its first k outputs (the groups that hold them; the last one's extra outputs are computed, then dropped)."""
         bias = None if self.bias is None else self.bias[:k].detach()
-        return GGUFLinear(self.blocks[:k].clone(), self.kind.removeprefix("gguf-"), self.in_features, bias, self.dtype)
-
-    @property
-    def tiled(self) -> bool:
-        """Q4_K and Q6_K with bf16 activations on a CPU with AMX: `tile` and `tiled_forward` serve them
-        (many rows on AMX tiles, one row by a vector kernel over the same groups)."""
-        return (self.kind in ("gguf-Q4_K", "gguf-Q6_K") and self.dtype == torch.bfloat16
-                and self.out_features % 16 == 0 and kernels().amx())
-
-    def tile(self) -> torch.Tensor:
-        """The blocks regrouped by 16 output rows for AMX tiles (the same bytes, rearranged)."""
-        return kernels().tile(self.blocks, self.qtype, self.in_features)
-
-    def tiled_forward(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        y = self.tiled_mm(x.reshape(rows, -1), tiles, self.qtype).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return GGUFLinear(self.groups[: -(-k // 16)].clone(), self.kind.removeprefix("gguf-"), self.in_features, k,
+                          bias, self.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,11 +140,12 @@ def read_gguf(file: Path, dtype: torch.dtype, dequantize: bool = False):
         elif dequantize:
             tensors[name] = torch.from_numpy(dequantize_numpy(data, t.tensor_type)).reshape(shape)
         elif name.startswith("model.embed_tokens"):  # looked up, not multiplied: dequantized once
-            tensors[name] = kernels().dequantize(torch.from_numpy(np.array(data)), int(t.tensor_type),
-                                                 shape[1])
-        else:
-            layers[name.removesuffix(".weight")] = (torch.from_numpy(np.array(data)), kind, shape[1])
-    for module, (blocks, kind, in_features) in list(layers.items()):
-        bias = tensors.pop(f"{module}.bias", None)
-        layers[module] = GGUFLinear(blocks, kind, in_features, None if bias is None else bias.to(dtype), dtype)
+            groups = kernels().int_repack(torch.from_numpy(np.array(data)), int(t.tensor_type), shape[1])
+            tensors[name] = kernels().int_dequantize(groups, int(t.tensor_type), shape[1], shape[0])
+        else:  # regrouped one tensor at a time: the file's blocks are not kept
+            layers[name.removesuffix(".weight")] = GGUFLinear.from_blocks(torch.from_numpy(np.array(data)), kind,
+                                                                          shape[1], None, dtype)
+    for module, layer in layers.items():
+        if (bias := tensors.pop(f"{module}.bias", None)) is not None:
+            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return args, tensors, layers

@@ -1,6 +1,8 @@
-"""minitree's C++ kernels (csrc/gguf.cpp): GGUF blocks read as the file stores them, their AMX tile
-groups, and the lossy "q4" draft form. Built on first use for this machine's instruction set with
-its C++ compiler (cached by torch in ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)."""
+"""minitree's C++ kernels: GGUF blocks multiplied in integers (csrc/integer.cpp) and attention under the
+tree mask (csrc/attention.cpp), each with one rounding per row whatever shares the forward. Built on
+first use with the machine's C++ compiler (cached by torch in ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR); every instruction-set path is compiled in and chosen at run time
+(`kernels().int_paths()` lists those this CPU runs)."""
 
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ import torch
 from .errors import LoadError
 from .machine import machine
 
-CSRC = Path(__file__).resolve().parent / "csrc" / "gguf.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "integer.cpp", CSRC / "attention.cpp")
+HEADERS = (CSRC / "integer_paths.h",)
+# -ffp-contract=off: a * b + c stays two roundings wherever it is written, so that every path
+# computes the same float operations as the plain-loop specification.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 
 @functools.lru_cache(maxsize=None)
 def kernels():
-    """torch.ops.minitree_gguf, built once per process (module docstring)."""
+    """torch.ops.minitree_kernels, built once per process (module docstring)."""
     from torch.utils import cpp_extension
     isa = hashlib.sha1(" ".join(machine()["isa"]).encode()).hexdigest()[:8]
     scripts = sysconfig.get_path("scripts")  # pip's ninja, also when its virtual environment is not activated
@@ -33,21 +40,31 @@ def kernels():
                                               file=sys.stderr, flush=True))
     slow.start()
     try:
-        cpp_extension.load(name=f"minitree_gguf_{isa}", sources=[str(CSRC)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+        cpp_extension.load(name=f"minitree_kernels_{isa}", sources=[str(s) for s in SOURCES],
+                           is_python_module=False, extra_cflags=FLAGS, verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"building minitree's kernels failed ({first}); they need a C++ compiler (g++) and "
                         f"ninja; or load the file dequantized (--dequantize)") from None
     finally:
         slow.cancel()
-    torch.library.register_fake("minitree_gguf::mm")(lambda x, w, kind: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("minitree_gguf::tiled_mm")(lambda x, t, kind: x.new_empty(x.shape[0], 16 * t.shape[0]))
-    torch.library.register_fake("minitree_gguf::q4_mm")(lambda x, t: x.new_empty(x.shape[0], 16 * t.shape[0]))
-    return torch.ops.minitree_gguf
+    torch.library.register_fake("minitree_kernels::int_mm")(
+        lambda x, groups, kind, out, path=-1: x.new_empty(x.shape[0], out))
+    torch.library.register_fake("minitree_kernels::attend")(
+        lambda q, keys, values, q_slot, q_node, base, anc_bits: torch.empty_like(q))
+    return torch.ops.minitree_kernels
+
+
+def available() -> bool:
+    """Whether the kernels build (and load) here: a C++ compiler and ninja."""
+    try:
+        kernels()
+        return True
+    except LoadError:
+        return False
 
 
 @functools.lru_cache(maxsize=None)
 def source_version() -> str:
     """The kernels' source, hashed (a GGUFLinear's `code`)."""
-    return hashlib.sha1(CSRC.read_bytes()).hexdigest()[:12]
+    return hashlib.sha1(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]

@@ -22,10 +22,11 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BLOCK, TreeMask
+from .attention import BLOCK, KINDS, TreeMask
 from .costs import PREFILL_CHUNKS, Plan, form_layers
 from .errors import EngineError
 from .forms import LOSSY, FormLinear, replace_linears
+from .kernels import available as kernels_available
 from .machine import pin_vector_width
 from .model import Transformer
 from .tree import MAX_NODES
@@ -53,7 +54,9 @@ class Runner:
     """Runs `model`: `runner(tokens, positions, slots, q_node, base, anc_bits)` -> logits [T, vocab].
 
     compile    compile the decoder layers (CPU: Inductor's C++ backend)
-    attention  "flex" (FlexAttention BlockMask) or "sdpa" (dense mask, the reference)
+    attention  "exact" (minitree's CPU kernel: a token's attention rounds alike in every forward; the
+               default on CPUs), "flex" (FlexAttention BlockMask; the default on GPUs, or without a
+               C++ compiler) or "sdpa" (dense mask, the reference)
     plan       "measure" (rows, kernels, weight forms and prefill chunks from this machine's measured
                costs; the default when compiled), "exact" (every forward at least 4 rows, so bf16
                chains round like plain decoding), "none" (forwards as they come; the default when
@@ -62,20 +65,22 @@ class Runner:
     cache_len  KV cache slots to start with (`reserve` grows it)
     """
 
-    def __init__(self, model: Transformer, *, compile: bool = True, attention: str = "flex",
+    def __init__(self, model: Transformer, *, compile: bool = True, attention: str | None = None,
                  plan: str | Plan | None = None, lossy: bool = False, prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS,
                  cache_len: int = 0, name: str = "model"):
-        if attention not in ("flex", "sdpa"):
-            raise EngineError(f"attention must be 'flex' or 'sdpa', got {attention!r}")
+        self.device = model.model.embed_tokens.weight.device
+        if attention is None:
+            attention = "exact" if self.device.type == "cpu" and kernels_available() else "flex"
+        if attention not in KINDS or (attention == "exact" and (self.device.type != "cpu" or not kernels_available())):
+            raise EngineError(f"attention must be one of {', '.join(KINDS)} ('exact' on CPUs), got {attention!r}")
         plan = plan or ("measure" if compile else "none")
         if not isinstance(plan, Plan) and plan not in PLANS:
             raise EngineError(f"plan must be one of {', '.join(PLANS)}, got {plan!r}")
         if not prefill_chunks or not all(0 < c <= BLOCK for c in prefill_chunks):
             raise EngineError(f"prefill chunks must be in 1..{BLOCK}, got {prefill_chunks}")
-        self.args, self.name, self.lossy, self.flex = model.args, name, lossy, attention == "flex"
+        self.args, self.name, self.lossy, self.attention = model.args, name, lossy, attention
         self.prefill_chunks = tuple(prefill_chunks)
         self.model = replace_linears(own_modules(model), FormLinear)
-        self.device = model.model.embed_tokens.weight.device
         if compile:
             if self.device.type == "cpu":
                 pin_vector_width()
@@ -121,7 +126,7 @@ class Runner:
             pad = torch.cat([torch.arange(n, device=tokens.device),
                              torch.zeros(rows - n, dtype=torch.long, device=tokens.device)])
             tokens, positions, slots, q_node = tokens[pad], positions[pad], slots[pad], q_node[pad]
-        mask = TreeMask(q_node, base, F.pad(anc_bits, (0, MAX_NODES - anc_bits.numel())), self.flex)
+        mask = TreeMask(q_node, base, F.pad(anc_bits, (0, MAX_NODES - anc_bits.numel())), self.attention)
         if rows == 1:
             mask = mask.for_one_query(slots)
         with self.plan.kernels(rows):

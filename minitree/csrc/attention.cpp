@@ -1,0 +1,201 @@
+// Attention under minitree's tree mask with one rounding per query, whatever shares the forward.
+//
+// Query t (at cache slot q_slot[t], tree node q_node[t]) sees slot v iff v <= q_slot[t] and
+// (v < base or bit v - base of anc_bits[q_node[t]] is set): attention.py's rule. The slots a query
+// sees, in ascending order, are the same keys and values, in the same order, as its token sees in
+// plain decoding (the prefix below the tree's root, then its ancestors by depth), so every sum
+// here runs over that list by its index in the list, never by slot and never across queries:
+//   s_i = (q . k_i) * scale     16 lanes over the head dimension, then a fixed halving tree
+//   p_i = exp(s_i - max s)      one polynomial for every lane
+//   l   = sum p_i               16 lanes by i mod 16, then the halving tree
+//   o   = (sum_i p_i v_i) / l   in order of i, the head dimension in lanes
+// So a token's attention rounds alike in a prefill chunk, a plain step, a chain or any tree. One
+// implementation (GCC vector extensions: SIMD where the build has it, the same arithmetic anyway).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace attention {
+
+typedef float F32 __attribute__((vector_size(64)));
+typedef int32_t I32 __attribute__((vector_size(64)));
+typedef uint32_t U32 __attribute__((vector_size(64)));
+typedef uint16_t U16 __attribute__((vector_size(32)));
+
+static inline float reduce(F32 v) {  // the halving tree: lane l + lane l + w for w = 8, 4, 2, 1
+  v = v + __builtin_shuffle(v, I32{8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+  v = v + __builtin_shuffle(v, I32{4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+  v = v + __builtin_shuffle(v, I32{2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+  v = v + __builtin_shuffle(v, I32{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  return v[0];
+}
+
+// exp(x) for x <= 0: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], p of degree 6 (relative error ~2e-7).
+static inline F32 exp_nonpositive(F32 x) {
+  const I32 below = x < -87.0f;  // all bits set where exp underflows: 0 there
+  x = below ? F32{} - 87.0f : x;
+  const F32 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, I32), F32);  // round(x / ln 2)
+  const F32 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  F32 p = r * (1.0f / 720) + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I32 bits = (__builtin_convertvector(n, I32) + 127) << 23;
+  F32 scale;
+  std::memcpy(&scale, &bits, 64);
+  const F32 e = p * scale;
+  return reinterpret_cast<F32>(reinterpret_cast<I32>(e) & ~below);
+}
+
+template <class T>
+static inline void to_float(const T* p, int64_t D, F32* out) {  // D values (zero-padded to 16s) -> fp32 lanes
+  for (int64_t c = 0; c < (D + 15) / 16; ++c) {
+    float v[16] = {};
+    const int64_t n = std::min<int64_t>(16, D - 16 * c);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (n == 16) {
+        U16 h;
+        std::memcpy(&h, p + 16 * c, 32);
+        const U32 w = __builtin_convertvector(h, U32) << 16;
+        std::memcpy(&out[c], &w, 64);
+        continue;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(p[16 * c + i]);
+    std::memcpy(&out[c], v, 64);
+  }
+}
+
+static constexpr int MAX_GROUP = 16;  // query heads per key/value head
+static constexpr int MAX_D = 256;
+static constexpr int QB = 16;  // queries per work item: each key and value is converted once for all of them
+
+template <class T>
+static void attend(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64_t H, int64_t Hkv, int64_t S, int64_t D,
+                   const int64_t* q_slot, const int64_t* q_node, int64_t base, const int64_t* anc, float scale) {
+  const int64_t G = H / Hkv, C = (D + 15) / 16, blocks = (Tq + QB - 1) / QB;
+  at::parallel_for(0, Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<F32> qf(QB * G * C), acc(QB * G * C), row(C);
+    std::vector<float> scores;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t kvh = w / blocks, t0 = w % blocks * QB, nt = std::min<int64_t>(QB, Tq - t0);
+      // sees(t, s): query t0 + t sees slot s (the mask rule); n[t]: how many slots it sees
+      auto sees = [&](int64_t t, int64_t s) {
+        return s <= q_slot[t0 + t] && (s < base || ((anc[q_node[t0 + t]] >> std::min<int64_t>(s - base, 63)) & 1));
+      };
+      int64_t n[QB] = {}, last = 0, padded = 0;
+      for (int64_t t = 0; t < nt; ++t) {
+        last = std::max(last, q_slot[t0 + t]);
+        for (int64_t s = 0; s <= q_slot[t0 + t]; ++s) n[t] += sees(t, s);
+        padded = std::max(padded, (n[t] + 15) / 16 * 16);
+      }
+      scores.assign(nt * G * padded, -INFINITY);  // [t][g][i]: i-th slot t sees
+      for (int64_t t = 0; t < nt; ++t)
+        for (int64_t g = 0; g < G; ++g) to_float(q + (((t0 + t) * H) + kvh * G + g) * D, D, &qf[(t * G + g) * C]);
+      const T* kh = k + kvh * S * D;
+      const T* vh = v + kvh * S * D;
+      int64_t i[QB] = {};
+      for (int64_t s = 0; s <= last; ++s) {
+        bool any = false;
+        for (int64_t t = 0; t < nt && !any; ++t) any = sees(t, s);
+        if (!any) continue;
+        to_float(kh + s * D, D, row.data());
+        for (int64_t t = 0; t < nt; ++t) {
+          if (!sees(t, s)) continue;
+          for (int64_t g = 0; g < G; ++g) {
+            const F32* qv = &qf[(t * G + g) * C];
+            F32 dot{};
+            for (int64_t c = 0; c < C; ++c) dot = dot + qv[c] * row[c];
+            scores[(t * G + g) * padded + i[t]] = reduce(dot) * scale;
+          }
+          ++i[t];
+        }
+      }
+      float total[QB][MAX_GROUP];
+      for (int64_t t = 0; t < nt; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+          float* sc = scores.data() + (t * G + g) * padded;
+          float max = -INFINITY;
+          for (int64_t j = 0; j < n[t]; ++j) max = std::max(max, sc[j]);
+          F32 sum{};
+          for (int64_t j = 0; j < padded; j += 16) {  // padded slots: -inf, below -87 after the max: 0
+            F32 x;
+            std::memcpy(&x, sc + j, 64);
+            const F32 p = exp_nonpositive(x - max);
+            std::memcpy(sc + j, &p, 64);
+            sum = sum + p;
+          }
+          total[t][g] = reduce(sum);
+          for (int64_t c = 0; c < C; ++c) acc[(t * G + g) * C + c] = F32{};
+        }
+      std::fill(i, i + QB, 0);
+      for (int64_t s = 0; s <= last; ++s) {
+        bool any = false;
+        for (int64_t t = 0; t < nt && !any; ++t) any = sees(t, s);
+        if (!any) continue;
+        to_float(vh + s * D, D, row.data());
+        for (int64_t t = 0; t < nt; ++t) {
+          if (!sees(t, s)) continue;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[(t * G + g) * padded + i[t]];
+            F32* a = &acc[(t * G + g) * C];
+            for (int64_t c = 0; c < C; ++c) a[c] = a[c] + p * row[c];
+          }
+          ++i[t];
+        }
+      }
+      for (int64_t t = 0; t < nt; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+          float o[MAX_D];
+          for (int64_t c = 0; c < C; ++c) {
+            const F32 r = acc[(t * G + g) * C + c] / total[t][g];
+            std::memcpy(o + 16 * c, &r, 64);
+          }
+          T* dst = out + (((t0 + t) * H) + kvh * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d]);
+        }
+    }
+  });
+}
+
+// q [1, H, T, D]; keys, values [1, H_kv, S, D] (the cache); q_slot, q_node [T]; base []; anc_bits [n]
+// -> [1, H, T, D] in q's dtype.
+torch::Tensor attend_op(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor q_slot,
+                        torch::Tensor q_node, torch::Tensor base, torch::Tensor anc_bits) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && q.size(0) == 1 && keys.size(0) == 1, "minitree attend: q [1, H, T, D], "
+              "keys [1, H_kv, S, D]");
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
+              "minitree attend: q, keys and values share a dtype");
+  const int64_t H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= MAX_GROUP && D <= MAX_D, "minitree attend: ", H, " heads over ", Hkv,
+              " key/value heads of ", D, " dimensions are not supported");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "minitree attend: a contiguous cache");
+  const auto qt = q[0].transpose(0, 1).contiguous();  // [T, H, D]
+  auto out = torch::empty({Tq, H, D}, q.options());
+  const auto slots = q_slot.to(torch::kLong).contiguous(), nodes = q_node.to(torch::kLong).contiguous();
+  const auto anc = anc_bits.to(torch::kLong).contiguous();
+  const int64_t b = base.item<int64_t>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "minitree attend", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "minitree attend: no double");
+    } else {
+      attend<scalar_t>(qt.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), Tq, H, Hkv, S, D, slots.data_ptr<int64_t>(), nodes.data_ptr<int64_t>(), b,
+                       anc.data_ptr<int64_t>(), scale);
+    }
+  });
+  return out.transpose(0, 1).unsqueeze(0);  // [1, H, T, D]
+}
+
+}  // namespace attention
+
+TORCH_LIBRARY_FRAGMENT(minitree_kernels, m) {
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor q_slot, Tensor q_node, Tensor base, Tensor anc_bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minitree_kernels, CPU, m) { m.impl("attend", &attention::attend_op); }

@@ -1,0 +1,582 @@
+// GGUF weights times activations in integers, as llama.cpp multiplies them, with one rounding for
+// every row count: y[r, o] = sum_k x[r, k] * w[o, k].
+//
+// Each activation row is quantized by itself to int8 blocks (ggml's rules: Q8_K, 256 values per
+// block and scale, for the k-quants; Q8_0, 32 per block with an fp16 scale, for the others). The
+// weights' small integers (levels) times those int8 values are summed in int32, which is exact in
+// any order; the integer sub-block scales and offsets are applied in int32 too, and only then does
+// a block's sum meet the float scales, in one fixed order per output:
+//
+//   acc = acc + (xd[r, b] * d[o, b]) * float(S[r, o, b])        S = sum_j sc[o, j] * (dot_j - off * xs[r, j])
+//   acc = acc + (xd[r, b] * c[o, b]) * float(M[r, o, b])        M = sum_j m[o, j] * xs[r, j]   (formats with mins)
+//
+// dot_j: sum of level * xq over sub-block j; xs[r, j]: sum of xq over it; off: the format's zero level.
+// So a row's output depends on that row alone: alone or beside 15 others, on any path below, the
+// same bits. The paths (AVX512-VNNI, AVX-VNNI, AVX2, AMX-INT8) differ only in how they form the
+// integer sub-block dots; `mm_portable` is the specification, written as plain loops, and the tests
+// compare every path with it bit for bit.
+//
+// The file's blocks are regrouped once, at load (`repack`), by 16 outputs: per block of inputs, the
+// fp16 scales of 16 outputs, their integer sub-block scales, then each sub-block's levels as
+// quads: 64 bytes hold 4 consecutive inputs of 16 outputs (byte 4 o + i: output o, input i), the
+// operand of one vpdpbusd and one row of an AMX B tile. 4-bit levels pack two quads per 64 bytes
+// (low and high nibbles); 5- and 6-bit levels add one 64-byte plane of their high bits per sub-block.
+// The same bytes per weight as the file (Q4_K: +2.8%, its 6-bit scales unpacked).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace integer {
+
+enum Type { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+// A format's group block (16 outputs x `block` inputs): fp16 d[16]; fp16 c[16] (mins); integer
+// scales sc[subs][16] (k-quants; int8 for Q6_K) and mins m[subs][16] (Q4_K); the levels of each
+// sub-block (`level_bytes`). Levels are unsigned; `offset` is the level of zero.
+//   Q4_0  w = d (q - 8)            Q4_1  w = d q + m        (c = m)
+//   Q5_0  w = d (q - 16)           Q5_1  w = d q + m        (c = m)
+//   Q8_0  w = d (q - 128)          (the file's int8 q, stored as q + 128)
+//   Q4_K  w = d sc q - dmin m      (c = -dmin; sub-blocks of 32)
+//   Q6_K  w = d sc (q - 32)        (sub-blocks of 16)
+template <int TYPE>
+struct F {
+  static constexpr int type_id = TYPE;
+  static constexpr bool kquant = TYPE == Q4_K || TYPE == Q6_K;
+  static constexpr int block = kquant ? 256 : 32;
+  static constexpr int sub = TYPE == Q6_K ? 16 : 32;
+  static constexpr int subs = block / sub, quads = sub / 4;
+  static constexpr int bits = TYPE == Q8_0 ? 8 : TYPE == Q6_K ? 6 : (TYPE == Q5_0 || TYPE == Q5_1) ? 5 : 4;
+  static constexpr int offset = TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : TYPE == Q8_0 ? 128 : TYPE == Q6_K ? 32 : 0;
+  static constexpr bool mins = TYPE == Q4_1 || TYPE == Q5_1 || TYPE == Q4_K;
+  static constexpr bool scales = kquant;
+  static constexpr int file_bytes = TYPE == Q4_0 ? 18 : TYPE == Q4_1 ? 20 : TYPE == Q5_0 ? 22 : TYPE == Q5_1 ? 24
+                                  : TYPE == Q8_0 ? 34 : TYPE == Q4_K ? 144 : 210;
+  static constexpr int level_bytes = bits == 8 ? 16 * sub : 8 * sub + (bits > 4 ? 64 : 0);
+  static constexpr int d_at = 0, c_at = 32, sc_at = mins ? 64 : 32, m_at = sc_at + (scales ? 16 * subs : 0);
+  static constexpr int levels_at = m_at + (TYPE == Q4_K ? 16 * subs : 0);
+  static constexpr int bytes = levels_at + subs * level_bytes;
+};
+
+// Calls fn(F<TYPE>{}) for a runtime GGUF type.
+template <class Fn>
+static auto with_format(int64_t type, Fn fn) {
+  switch (type) {
+    case Q4_0: return fn(F<Q4_0>{});
+    case Q4_1: return fn(F<Q4_1>{});
+    case Q5_0: return fn(F<Q5_0>{});
+    case Q5_1: return fn(F<Q5_1>{});
+    case Q8_0: return fn(F<Q8_0>{});
+    case Q4_K: return fn(F<Q4_K>{});
+    case Q6_K: return fn(F<Q6_K>{});
+  }
+  TORCH_CHECK(false, "minitree integer kernels: no kernel for GGUF type ", type);
+}
+
+static inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file's blocks, decoded (ggml's layouts), and regrouped
+
+// One file block: fp16 bits of d and c, integer scales and mins per sub-block, a level per weight.
+struct Decoded {
+  uint16_t d = 0, c = 0;
+  int sc[16] = {}, m[16] = {};
+  uint8_t q[256] = {};
+};
+
+template <int TYPE>
+static Decoded decode(const uint8_t* b) {
+  Decoded o;
+  std::memcpy(&o.d, TYPE == Q6_K ? b + 208 : b, 2);
+  if constexpr (TYPE == Q4_0 || TYPE == Q4_1) {
+    const uint8_t* qs = b + (TYPE == Q4_1 ? 4 : 2);
+    for (int i = 0; i < 16; ++i) o.q[i] = qs[i] & 0xF, o.q[i + 16] = qs[i] >> 4;
+  } else if constexpr (TYPE == Q5_0 || TYPE == Q5_1) {
+    const uint8_t* h = b + (TYPE == Q5_1 ? 4 : 2);
+    uint32_t qh;
+    std::memcpy(&qh, h, 4);
+    for (int i = 0; i < 16; ++i) {
+      o.q[i] = (h[4 + i] & 0xF) | ((qh >> i) & 1) << 4;
+      o.q[i + 16] = (h[4 + i] >> 4) | ((qh >> (i + 16)) & 1) << 4;
+    }
+  } else if constexpr (TYPE == Q8_0) {
+    for (int i = 0; i < 32; ++i) o.q[i] = static_cast<uint8_t>(static_cast<int8_t>(b[2 + i]) + 128);
+  } else if constexpr (TYPE == Q4_K) {
+    const uint8_t* s = b + 4;
+    for (int j = 0; j < 4; ++j) {
+      o.sc[j] = s[j] & 63, o.m[j] = s[j + 4] & 63;
+      o.sc[j + 4] = (s[j + 8] & 0xF) | (s[j] >> 6) << 4;
+      o.m[j + 4] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+    }
+    for (int c = 0; c < 4; ++c)  // 64 weights per 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high
+      for (int i = 0; i < 32; ++i) o.q[64 * c + i] = b[16 + 32 * c + i] & 0xF, o.q[64 * c + 32 + i] = b[16 + 32 * c + i] >> 4;
+  } else {  // Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, fp16 d
+    for (int k = 0; k < 256; ++k) {
+      const int half = k / 128, l = k % 32, part = (k % 128) / 32;
+      const uint8_t lo = b[64 * half + l + 32 * (part % 2)];
+      o.q[k] = ((part < 2 ? lo & 0xF : lo >> 4) | ((b[128 + 32 * half + l] >> (2 * part)) & 3) << 4);
+    }
+    for (int j = 0; j < 16; ++j) o.sc[j] = static_cast<int8_t>(b[192 + j]);
+  }
+  if constexpr (TYPE == Q4_1 || TYPE == Q5_1) std::memcpy(&o.c, b + 2, 2);
+  if constexpr (TYPE == Q4_K) {
+    std::memcpy(&o.c, b + 2, 2);
+    o.c ^= 0x8000;  // c = -dmin: the sign bit, exactly
+  }
+  return o;
+}
+
+// Writes output o's decoded block into group block g.
+template <int TYPE>
+static void put(uint8_t* g, int o, const Decoded& v) {
+  using T = F<TYPE>;
+  std::memcpy(g + T::d_at + 2 * o, &v.d, 2);
+  if constexpr (T::mins) std::memcpy(g + T::c_at + 2 * o, &v.c, 2);
+  for (int j = 0; j < T::subs; ++j) {
+    if constexpr (T::scales) g[T::sc_at + 16 * j + o] = static_cast<uint8_t>(v.sc[j]);
+    if constexpr (TYPE == Q4_K) g[T::m_at + 16 * j + o] = static_cast<uint8_t>(v.m[j]);
+    uint8_t* L = g + T::levels_at + j * T::level_bytes;
+    for (int i = 0; i < T::sub; ++i) {
+      const int quad = i / 4, lane = 4 * o + i % 4, q = v.q[T::sub * j + i];
+      if constexpr (T::bits == 8) {
+        L[64 * quad + lane] = static_cast<uint8_t>(q);
+        continue;
+      }
+      L[64 * (quad % (T::quads / 2)) + lane] |= (q & 0xF) << (quad < T::quads / 2 ? 0 : 4);
+      if constexpr (T::bits == 5) L[8 * T::sub + lane] |= ((q >> 4) & 1) << quad;
+      if constexpr (T::bits == 6) L[8 * T::sub + lane] |= ((q >> 4) & 3) << (2 * quad);
+    }
+  }
+}
+
+template <int TYPE>
+static torch::Tensor repack(const torch::Tensor& w, int64_t K) {
+  using T = F<TYPE>;
+  const int64_t O = w.size(0), blocks = K / T::block, groups = (O + 15) / 16;
+  TORCH_CHECK(K % T::block == 0 && w.size(1) == blocks * T::file_bytes, "minitree repack: ", K,
+              " input features do not match ", w.size(1), " bytes per weight row");
+  const auto wc = w.contiguous();
+  torch::Tensor out = torch::zeros({groups, blocks * T::bytes}, w.options());
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  uint8_t* gp = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int o = 0; o < 16 && 16 * g + o < O; ++o)  // outputs past O stay zero (d = 0)
+        for (int64_t b = 0; b < blocks; ++b)
+          put<TYPE>(gp + g * out.size(1) + b * T::bytes, o, decode<TYPE>(wp + (16 * g + o) * w.size(1) + b * T::file_bytes));
+  });
+  return out;
+}
+
+// The weights the groups hold, in fp32 [O, K], computed in the gguf package's order (so equal to its reading).
+template <int TYPE>
+static torch::Tensor dequantize(const torch::Tensor& groups, int64_t K, int64_t O) {
+  using T = F<TYPE>;
+  const int64_t blocks = K / T::block;
+  TORCH_CHECK(groups.size(1) == blocks * T::bytes && 16 * groups.size(0) >= O, "minitree dequantize: groups do not hold ",
+              O, "x", K, " weights");
+  torch::Tensor y = torch::empty({O, K}, torch::kFloat);
+  const uint8_t* gp = groups.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* g = gp + (o / 16) * groups.size(1) + b * T::bytes;
+        const int lane = o % 16;
+        const float d = half(g + T::d_at + 2 * lane), c = T::mins ? half(g + T::c_at + 2 * lane) : 0.0f;
+        for (int j = 0; j < T::subs; ++j) {
+          const uint8_t* L = g + T::levels_at + j * T::level_bytes;
+          const int sc = !T::scales ? 1 : TYPE == Q6_K ? static_cast<int8_t>(g[T::sc_at + 16 * j + lane]) : g[T::sc_at + 16 * j + lane];
+          const int m = TYPE == Q4_K ? g[T::m_at + 16 * j + lane] : 1;
+          for (int i = 0; i < T::sub; ++i) {
+            const int quad = i / 4, at = 4 * lane + i % 4;
+            int q;
+            if constexpr (T::bits == 8) {
+              q = L[64 * quad + at];
+            } else {
+              q = (L[64 * (quad % (T::quads / 2)) + at] >> (quad < T::quads / 2 ? 0 : 4)) & 0xF;
+              if constexpr (T::bits == 5) q |= ((L[8 * T::sub + at] >> quad) & 1) << 4;
+              if constexpr (T::bits == 6) q |= ((L[8 * T::sub + at] >> (2 * quad)) & 3) << 4;
+            }
+            float w;
+            if constexpr (T::mins) w = T::scales ? (d * sc) * q + c * m : d * q + c;
+            else w = T::scales ? (d * sc) * (q - T::offset) : d * (q - T::offset);
+            yp[o * K + b * T::block + T::sub * j + i] = w;
+          }
+        }
+      }
+  });
+  return y;
+}
+
+// Float weights [O, K] -> the file blocks of a 32-block type (ggml's reference quantizers): Q4_1 (min-max
+// levels: the lossy "q4" form of draft weights) or Q8_0.
+static torch::Tensor quantize_weights(const torch::Tensor& w, int64_t type) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0 && (type == Q4_1 || type == Q8_0), "minitree quantize: float w [O, K] "
+              "with K a multiple of 32, to Q4_1 or Q8_0");
+  const auto wf = w.to(torch::kFloat).contiguous();
+  const int64_t O = w.size(0), nb = w.size(1) / 32, bytes = type == Q4_1 ? F<Q4_1>::file_bytes : F<Q8_0>::file_bytes;
+  auto out = torch::empty({O, nb * bytes}, w.options().dtype(torch::kUInt8));
+  const float* src = wf.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, O * nb, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const float* x = src + 32 * i;
+      uint8_t* y = dst + bytes * i;
+      if (type == Q4_1) {
+        float lo = x[0], hi = x[0];
+        for (int j = 1; j < 32; ++j) lo = std::min(lo, x[j]), hi = std::max(hi, x[j]);
+        const float d = (hi - lo) / 15, id = d != 0 ? 1 / d : 0.0f;
+        const c10::Half dh(d), mh(lo);
+        std::memcpy(y, &dh.x, 2);
+        std::memcpy(y + 2, &mh.x, 2);
+        for (int j = 0; j < 16; ++j) {
+          const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>((x[j] - lo) * id + 0.5f)));
+          const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>((x[j + 16] - lo) * id + 0.5f)));
+          y[4 + j] = static_cast<uint8_t>(q0 | q1 << 4);
+        }
+      } else {
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127, id = d != 0 ? 1 / d : 0.0f;
+        const c10::Half dh(d);
+        std::memcpy(y, &dh.x, 2);
+        for (int j = 0; j < 32; ++j) y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: each row quantized by itself (ggml's reference rules)
+
+struct Act {
+  std::vector<int8_t> q;   // [R, K]
+  std::vector<float> d;    // [R, K / block]
+  std::vector<int32_t> s;  // [R, K / sub]: sums of q over each sub-block
+  int64_t K;
+};
+
+// Q8_K (k-quants): per 256 values, the scale from the value of largest magnitude, rounded to nearest even.
+// Q8_0 (the others): per 32, d = amax / 127 rounded to fp16, the values by x / d rounded half away from zero.
+template <class T>
+static Act quantize(const torch::Tensor& x) {
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t R = xf.size(0), K = xf.size(1), nb = K / T::block;
+  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)), K};
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = xp + r * K + b * T::block;
+      int8_t* q = a.q.data() + r * K + b * T::block;
+      float amax = 0, max = 0;
+      for (int i = 0; i < T::block; ++i)
+        if (std::fabs(v[i]) > amax) amax = std::fabs(v[i]), max = v[i];
+      if constexpr (T::kquant) {
+        const float iscale = amax == 0 ? 0.0f : -127.0f / max;
+        for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::nearbyint(iscale * v[i])));
+        a.d[r * nb + b] = amax == 0 ? 0.0f : 1 / iscale;
+      } else {
+        const float d = amax / 127, id = d != 0 ? 1 / d : 0.0f;
+        for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::round(v[i] * id));
+        a.d[r * nb + b] = static_cast<float>(c10::Half(d));
+      }
+      for (int j = 0; j < T::subs; ++j) {
+        int32_t s = 0;
+        for (int i = 0; i < T::sub; ++i) s += q[T::sub * j + i];
+        a.s[r * (K / T::sub) + b * T::subs + j] = s;
+      }
+    }
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The specification: plain loops, one output at a time
+
+template <int TYPE>
+static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
+  using T = F<TYPE>;
+  const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
+  at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi)
+      for (int o = 0; o < 16; ++o)
+        for (int64_t r = 0; r < R; ++r) {
+          float acc = 0;
+          for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* g = gp + gi * group_bytes + b * T::bytes;
+            int32_t S = 0, M = 0;
+            for (int j = 0; j < T::subs; ++j) {
+              const uint8_t* L = g + T::levels_at + j * T::level_bytes;
+              const int8_t* xq = a.q.data() + r * K + b * T::block + T::sub * j;
+              int32_t dot = 0;
+              for (int i = 0; i < T::sub; ++i) {
+                const int quad = i / 4, at = 4 * o + i % 4;
+                int q;
+                if constexpr (T::bits == 8) {
+                  q = L[64 * quad + at];
+                } else {
+                  q = (L[64 * (quad % (T::quads / 2)) + at] >> (quad < T::quads / 2 ? 0 : 4)) & 0xF;
+                  if constexpr (T::bits == 5) q |= ((L[8 * T::sub + at] >> quad) & 1) << 4;
+                  if constexpr (T::bits == 6) q |= ((L[8 * T::sub + at] >> (2 * quad)) & 3) << 4;
+                }
+                dot += q * xq[i];
+              }
+              const int32_t xs = a.s[r * ns + b * T::subs + j], t = dot - T::offset * xs;
+              if constexpr (T::scales) {
+                const int sc = TYPE == Q6_K ? static_cast<int8_t>(g[T::sc_at + 16 * j + o]) : g[T::sc_at + 16 * j + o];
+                S += sc * t;
+              } else {
+                S += t;
+              }
+              if constexpr (TYPE == Q4_K) M += g[T::m_at + 16 * j + o] * xs;
+              else if constexpr (T::mins) M += xs;
+            }
+            const float xd = a.d[r * nb + b];
+            acc = acc + (xd * half(g + T::d_at + 2 * o)) * static_cast<float>(S);
+            if constexpr (T::mins) acc = acc + (xd * half(g + T::c_at + 2 * o)) * static_cast<float>(M);
+          }
+          y[r * ldy + 16 * gi + o] = acc;
+        }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The vector paths: one driver (integer_paths.h), compiled once per instruction set, each with its
+// own `sub_dots`: the int32 dots of one sub-block's levels W [quads][64] with R rows of int8 x.
+
+typedef uint8_t U8 __attribute__((vector_size(64)));
+typedef int32_t I32 __attribute__((vector_size(64)));
+typedef float F32 __attribute__((vector_size(64)));
+typedef int8_t I8x16 __attribute__((vector_size(16)));
+typedef uint8_t U8x16 __attribute__((vector_size(16)));
+
+static constexpr int AHEAD = 4096;  // bytes of weights asked for ahead of use
+
+static inline int32_t word(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+static inline F32 halves(const uint8_t* p) {
+  F32 v;
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+// vpmaddubsw sums level x int8 pairs in int16 (saturating: safe for levels < 128), vpmaddwd the pairs
+// of pairs into int32. 8-bit levels go in two halves, 16 * high nibbles + low nibbles.
+template <int BITS, int QUADS>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
+  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0xF);
+  for (int r = 0; r < R; ++r) {
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int q = 0; q < QUADS; ++q) {
+      const __m256i xv = _mm256_set1_epi32(word(x + r * ldx + 4 * q));
+      for (int h = 0; h < 2; ++h) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(W + q) + 32 * h));
+        if constexpr (BITS == 8) {
+          const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, nib), xv), ones);
+          const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nib), xv), ones);
+          acc[h] = _mm256_add_epi32(acc[h], _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4)));
+        } else {
+          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+        }
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r]), acc[0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r] + 8), acc[1]);
+  }
+}
+static inline void begin_rows(int, int) {}
+static inline void end_rows() {}
+#include "integer_paths.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avx_vnni {
+using avx2::halves;
+template <int BITS, int QUADS>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
+  for (int r = 0; r < R; ++r) {
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int q = 0; q < QUADS; ++q) {
+      const __m256i xv = _mm256_set1_epi32(word(x + r * ldx + 4 * q));
+      for (int h = 0; h < 2; ++h)
+        acc[h] = _mm256_dpbusd_avx_epi32(acc[h], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                                     reinterpret_cast<const uint8_t*>(W + q) + 32 * h)), xv);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r]), acc[0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r] + 8), acc[1]);
+  }
+}
+static inline void begin_rows(int, int) {}
+static inline void end_rows() {}
+#include "integer_paths.h"
+}  // namespace avx_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")
+namespace avx512_vnni {
+static inline F32 halves(const uint8_t* p) {
+  return reinterpret_cast<F32>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+template <int BITS, int QUADS>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
+  for (int r = 0; r < R; ++r) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int q = 0; q < QUADS; ++q)
+      acc = _mm512_dpbusd_epi32(acc, reinterpret_cast<__m512i>(W[q]), _mm512_set1_epi32(word(x + r * ldx + 4 * q)));
+    _mm512_storeu_si512(dots[r], acc);
+  }
+}
+static inline void begin_rows(int, int) {}
+static inline void end_rows() {}
+#include "integer_paths.h"
+}  // namespace avx512_vnni
+#pragma GCC pop_options
+
+static bool amx_permitted() {  // Linux hands out the tile registers' state on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")
+namespace amx {
+using avx512_vnni::halves;
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+// Tile 0: C [R, 16 int32]; 1: A [R, S int8] (R rows of x); 2: B [S / 4, 64 levels] (W).
+static inline void begin_rows(int R, int S) {
+  TileConfig c;
+  c.rows[0] = R, c.colsb[0] = 64;
+  c.rows[1] = R, c.colsb[1] = S;
+  c.rows[2] = S / 4, c.colsb[2] = 64;
+  _tile_loadconfig(&c);
+}
+static inline void end_rows() { _tile_release(); }
+template <int BITS, int QUADS>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int, int32_t (*dots)[16]) {
+  _tile_loadd(1, x, ldx);
+  _tile_loadd(2, W, 64);
+  _tile_zero(0);
+  _tile_dpbsud(0, 1, 2);  // signed A (activations) x unsigned B (levels)
+  _tile_stored(0, dots, 64);
+}
+#include "integer_paths.h"
+}  // namespace amx
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// Paths and ops
+
+enum Path { PORTABLE, AVX2, AVX_VNNI, AVX512_VNNI, AMX, PATHS };
+static const char* PATH_NAMES[PATHS] = {"portable", "avx2", "avx_vnni", "avx512_vnni", "amx"};
+
+static bool available(int path) {
+  __builtin_cpu_init();
+  switch (path) {
+    case PORTABLE: return true;
+    case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case AVX_VNNI: return available(AVX2) && __builtin_cpu_supports("avxvnni");
+    case AVX512_VNNI: return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+    case AMX: return available(AVX512_VNNI) && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+                     amx_permitted();
+  }
+  return false;
+}
+
+// The path a forward of R rows takes: AMX tiles from 2 rows, else the widest integer dot product.
+static int best(int64_t R) {
+  static const int vector = available(AVX512_VNNI) ? AVX512_VNNI : available(AVX_VNNI) ? AVX_VNNI
+                          : available(AVX2) ? AVX2 : PORTABLE;
+  static const bool tiles = available(AMX);
+  return tiles && R > 1 ? AMX : vector;
+}
+
+std::vector<std::string> paths() {
+  std::vector<std::string> out;
+  for (int p = 0; p < PATHS; ++p)
+    if (available(p)) out.push_back(PATH_NAMES[p]);
+  return out;
+}
+
+torch::Tensor repack_op(torch::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "minitree repack: w [O, bytes] uint8");
+  return with_format(type, [&](auto f) { return repack<decltype(f)::type_id>(w, K); });
+}
+
+torch::Tensor dequantize_op(torch::Tensor groups, int64_t type, int64_t K, int64_t O) {
+  TORCH_CHECK(groups.dim() == 2 && groups.scalar_type() == torch::kUInt8 && groups.is_contiguous(),
+              "minitree dequantize: groups [O / 16, bytes] uint8");
+  return with_format(type, [&](auto f) { return dequantize<decltype(f)::type_id>(groups, K, O); });
+}
+
+// x [R, K] (float, bf16 or half), groups of GGUF type `type` holding O outputs -> [R, O] in x's dtype.
+// path: one of PATH_NAMES' indices, or -1 for the fastest here (every path gives the same bits).
+torch::Tensor mm_op(torch::Tensor x, torch::Tensor groups, int64_t type, int64_t O, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && groups.dim() == 2 && groups.scalar_type() == torch::kUInt8 && groups.is_contiguous(),
+              "minitree mm: x [R, K], groups [O / 16, bytes] uint8");
+  const int64_t R = x.size(0), K = x.size(1);
+  path = path < 0 ? best(R) : path;
+  TORCH_CHECK(path < PATHS && available(path), "minitree mm: path ", path, " does not run on this CPU");
+  const int64_t padded = 16 * groups.size(0);
+  auto y = torch::empty({R, padded}, x.options().dtype(torch::kFloat));
+  with_format(type, [&](auto f) {
+    using T = decltype(f);
+    TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,
+                "minitree mm: x of ", K, " features does not match groups of ", groups.size(1), " bytes");
+    const Act a = quantize<T>(x);
+    const uint8_t* gp = groups.data_ptr<uint8_t>();
+    float* yp = y.data_ptr<float>();
+    constexpr int TYPE = T::type_id;
+    switch (path) {
+      case PORTABLE: return mm_portable<TYPE>(gp, groups.size(1), a, R, padded, yp);
+      case AVX2: return avx2::mm<T>(gp, groups.size(1), a, R, padded, yp);
+      case AVX_VNNI: return avx_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
+      case AVX512_VNNI: return avx512_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
+      default: return amx::mm<T>(gp, groups.size(1), a, R, padded, yp);
+    }
+  });
+  return (padded == O ? y : y.narrow(1, 0, O)).to(x.scalar_type());
+}
+
+}  // namespace integer
+
+TORCH_LIBRARY_FRAGMENT(minitree_kernels, m) {
+  m.def("int_paths", &integer::paths);
+  m.def("int_quantize(Tensor w, int type) -> Tensor");
+  m.def("int_repack(Tensor w, int type, int K) -> Tensor");
+  m.def("int_dequantize(Tensor groups, int type, int K, int O) -> Tensor");
+  m.def("int_mm(Tensor x, Tensor groups, int type, int O, int path=-1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minitree_kernels, CPU, m) {
+  m.impl("int_quantize", &integer::quantize_weights);
+  m.impl("int_repack", &integer::repack_op);
+  m.impl("int_dequantize", &integer::dequantize_op);
+  m.impl("int_mm", &integer::mm_op);
+}
