@@ -379,10 +379,27 @@ static inline F32 halves(const uint8_t* p) {
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
   return v;
 }
+static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair products of a and b, per int32 lane
+  __m256i r[2], x[2], y[2];
+  std::memcpy(r, &acc, 64), std::memcpy(x, &a, 64), std::memcpy(y, &b, 64);
+  for (int h = 0; h < 2; ++h) r[h] = _mm256_add_epi32(r[h], _mm256_madd_epi16(x[h], y[h]));
+  std::memcpy(&acc, r, 64);
+  return acc;
+}
+template <bool SIGNED>
+static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
+  const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
+  const __m256i a = SIGNED ? _mm256_cvtepi8_epi32(lo) : _mm256_cvtepu8_epi32(lo);
+  const __m256i b = SIGNED ? _mm256_cvtepi8_epi32(hi) : _mm256_cvtepu8_epi32(hi);
+  I32 v;
+  std::memcpy(&v, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &b, 32);
+  return v;
+}
 // vpmaddubsw sums level x int8 pairs in int16 (saturating: safe for levels < 128), vpmaddwd the pairs
 // of pairs into int32. 8-bit levels go in two halves, 16 * high nibbles + low nibbles.
-template <int BITS, int QUADS>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
+template <int BITS, int QUADS, int NR>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0xF);
   for (int r = 0; r < R; ++r) {
     __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -399,10 +416,11 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, in
         }
       }
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r]), acc[0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r] + 8), acc[1]);
+    std::memcpy(&dots[r], &acc[0], 32);
+    std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
+static constexpr int ROWS = 4;  // rows per call of `group`
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -413,8 +431,16 @@ static inline void end_rows() {}
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace avx_vnni {
 using avx2::halves;
-template <int BITS, int QUADS>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
+using avx2::widen;
+static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair products of a and b, per int32 lane
+  __m256i r[2], x[2], y[2];
+  std::memcpy(r, &acc, 64), std::memcpy(x, &a, 64), std::memcpy(y, &b, 64);
+  for (int h = 0; h < 2; ++h) r[h] = _mm256_dpwssd_avx_epi32(r[h], x[h], y[h]);
+  std::memcpy(&acc, r, 64);
+  return acc;
+}
+template <int BITS, int QUADS, int NR>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
   for (int r = 0; r < R; ++r) {
     __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int q = 0; q < QUADS; ++q) {
@@ -423,10 +449,11 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, in
         acc[h] = _mm256_dpbusd_avx_epi32(acc[h], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
                                                      reinterpret_cast<const uint8_t*>(W + q) + 32 * h)), xv);
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r]), acc[0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots[r] + 8), acc[1]);
+    std::memcpy(&dots[r], &acc[0], 32);
+    std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
+static constexpr int ROWS = 4;
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -439,15 +466,25 @@ namespace avx512_vnni {
 static inline F32 halves(const uint8_t* p) {
   return reinterpret_cast<F32>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
-template <int BITS, int QUADS>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, int32_t (*dots)[16]) {
-  for (int r = 0; r < R; ++r) {
-    __m512i acc = _mm512_setzero_si512();
+static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair products of a and b, per int32 lane
+  return reinterpret_cast<I32>(_mm512_dpwssd_epi32(reinterpret_cast<__m512i>(acc), reinterpret_cast<__m512i>(a),
+                                                   reinterpret_cast<__m512i>(b)));
+}
+template <bool SIGNED>
+static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<I32>(SIGNED ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+}
+template <int BITS, int QUADS, int NR>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
+  for (int r = 0; r < R; ++r) {  // two sums per row: half the dependency chain (integer sums, any order)
+    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int q = 0; q < QUADS; ++q)
-      acc = _mm512_dpbusd_epi32(acc, reinterpret_cast<__m512i>(W[q]), _mm512_set1_epi32(word(x + r * ldx + 4 * q)));
-    _mm512_storeu_si512(dots[r], acc);
+      acc[q % 2] = _mm512_dpbusd_epi32(acc[q % 2], reinterpret_cast<__m512i>(W[q]), _mm512_set1_epi32(word(x + r * ldx + 4 * q)));
+    dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
   }
 }
+static constexpr int ROWS = 4;
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -462,7 +499,9 @@ static bool amx_permitted() {  // Linux hands out the tile registers' state on r
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")
 namespace amx {
+using avx512_vnni::dpwssd;
 using avx512_vnni::halves;
+using avx512_vnni::widen;
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -477,8 +516,9 @@ static inline void begin_rows(int R, int S) {
   _tile_loadconfig(&c);
 }
 static inline void end_rows() { _tile_release(); }
-template <int BITS, int QUADS>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int, int32_t (*dots)[16]) {
+static constexpr int ROWS = 16;  // rows per tile
+template <int BITS, int QUADS, int NR>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int, I32* dots) {
   _tile_loadd(1, x, ldx);
   _tile_loadd(2, W, 64);
   _tile_zero(0);

@@ -1,5 +1,6 @@
 // The vector paths' driver (integer.cpp), included once per instruction set inside its namespace,
-// after that set's `halves` (16 fp16 -> fp32), `sub_dots` and `begin_rows`/`end_rows` (tile setup).
+// after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes -> int32), `sub_dots`, ROWS and
+// `begin_rows`/`end_rows` (tile setup).
 // It computes integer.cpp's formulas in the same order as mm_portable, 16 outputs per vector.
 
 // Sub-block levels -> W [quads] of 64 bytes (byte 4 o + i: output o, input 4 quad + i).
@@ -23,51 +24,53 @@ static inline void unpack(const uint8_t* L, U8* W) {
   }
 }
 
-template <bool SIGNED>
-static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
-  if constexpr (SIGNED) {
-    I8x16 v;
-    std::memcpy(&v, p, 16);
-    return __builtin_convertvector(v, I32);
-  } else {
-    U8x16 v;
-    std::memcpy(&v, p, 16);
-    return __builtin_convertvector(v, I32);
-  }
-}
-
-// One group of 16 outputs for R <= 16 rows (from row r0 of a), into y (row stride ldy).
-template <class T>
-static void group(const uint8_t* g, const Act& a, int64_t r0, int R, float* y, int64_t ldy) {
+// One group of 16 outputs for R rows (from row r0 of a), into y (row stride ldy): NR rows (a
+// compile-time count, so that a few rows' sums stay in registers), or, with NR = 0, R <= 16 (tiles).
+template <class T, int NR>
+static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y, int64_t ldy) {
   constexpr int J = T::subs;
+  const int R = NR ? NR : rows;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
   const int8_t* xq = a.q.data() + r0 * K;
   const float* xd = a.d.data() + r0 * nb;
   const int32_t* xs = a.s.data() + r0 * ns;
-  F32 acc[16];
+  constexpr int N = NR ? NR : 16;
+  F32 acc[N];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
   alignas(64) U8 W[T::quads];
-  alignas(64) int32_t dots[16][16];
+  alignas(64) I32 dots[N];
   for (int64_t b = 0; b < nb; ++b, g += T::bytes) {
     // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead of use.
     for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + AHEAD + line);
-    I32 S[16], M[16];
+    I32 S[N], M[N];
     for (int r = 0; r < R; ++r) S[r] = I32{}, M[r] = I32{};
+    if constexpr (T::scales) {
+      // The rows' sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
+      // -32 sum_j sc_j xs_j), two sub-blocks per int16 pair product.
+      const uint8_t* by = g + (T::type_id == Q4_K ? T::m_at : T::sc_at);
+      I32 pairs[J / 2];
+      for (int p = 0; p < J / 2; ++p)
+        pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* s = xs + r * ns + b * J;
+        I32 sum{};
+        for (int p = 0; p < J / 2; ++p) sum = dpwssd(sum, pairs[p], I32{} + ((s[2 * p] & 0xFFFF) | (s[2 * p + 1] << 16)));
+        if constexpr (T::type_id == Q4_K) M[r] = sum;
+        else S[r] = sum * -T::offset;
+      }
+    }
     for (int j = 0; j < J; ++j) {
       unpack<T>(g + T::levels_at + j * T::level_bytes, W);
-      sub_dots<T::bits, T::quads>(W, xq + b * T::block + j * T::sub, K, R, dots);
-      I32 sc{}, m{};
-      if constexpr (T::scales) sc = widen<T::type_id == Q6_K>(g + T::sc_at + 16 * j);
-      if constexpr (T::type_id == Q4_K) m = widen<false>(g + T::m_at + 16 * j);
-      for (int r = 0; r < R; ++r) {
-        I32 t;
-        std::memcpy(&t, dots[r], 64);
-        const int32_t s = xs[r * ns + b * J + j];
-        if constexpr (T::offset != 0) t -= T::offset * s;
-        if constexpr (T::scales) S[r] += sc * t;
-        else S[r] += t;
-        if constexpr (T::type_id == Q4_K) M[r] += m * s;
-        else if constexpr (T::mins) M[r] += s;
+      sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, dots);
+      if constexpr (T::scales) {
+        const I32 sc = widen<T::type_id == Q6_K>(g + T::sc_at + 16 * j);
+        for (int r = 0; r < R; ++r) S[r] += sc * dots[r];
+      } else {
+        for (int r = 0; r < R; ++r) {
+          const int32_t s = xs[r * ns + b * J + j];
+          S[r] += dots[r] - T::offset * s;
+          if constexpr (T::mins) M[r] += s;
+        }
       }
     }
     const F32 d = halves(g + T::d_at);
@@ -82,17 +85,28 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int R, float* y, i
   for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], 64);
 }
 
-// y [R, ldy] (ldy: 16 per group) = the groups times a's rows; each group's weights are read once
-// for all rows, threads split the groups.
+// y [R, ldy] (ldy: 16 per group) = the groups times a's rows; each group's weights are read from
+// memory once for all rows, threads split the groups.
 template <class T>
 static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
   at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
     int configured = 0;
     for (int64_t gi = g0; gi < g1; ++gi)
-      for (int64_t r = 0; r < R; r += 16) {
-        const int n = static_cast<int>(std::min<int64_t>(16, R - r));
-        if (n != configured) begin_rows(n, T::sub), configured = n;
-        group<T>(gp + gi * group_bytes, a, r, n, y + r * ldy + 16 * gi, ldy);
+      for (int64_t r = 0; r < R; r += ROWS) {
+        const int n = static_cast<int>(std::min<int64_t>(ROWS, R - r));
+        const uint8_t* g = gp + gi * group_bytes;
+        float* out = y + r * ldy + 16 * gi;
+        if constexpr (ROWS == 16) {
+          if (n != configured) begin_rows(n, T::sub), configured = n;
+          group<T, 0>(g, a, r, n, out, ldy);
+        } else {
+          switch (n) {
+            case 1: group<T, 1>(g, a, r, 1, out, ldy); break;
+            case 2: group<T, 2>(g, a, r, 2, out, ldy); break;
+            case 3: group<T, 3>(g, a, r, 3, out, ldy); break;
+            default: group<T, 4>(g, a, r, 4, out, ldy);
+          }
+        }
       }
     if (configured) end_rows();
   });
