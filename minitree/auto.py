@@ -94,6 +94,7 @@ class Auto:
     """Chooses each step's configuration; `observe` feeds it what each step drafted, accepted and cost."""
     draft_cost: callable  # rows -> seconds of one draft forward (measured probe)
     verify_cost: callable  # rows -> seconds of one target forward
+    seconds: bool = True  # whether those costs are seconds (measured): then steps' timings may outweigh them
     configs: list[Config] = field(default_factory=family)
     hits: list[float] = field(default_factory=list)  # per confidence bucket: accepted (prior included)
     seen: list[float] = field(default_factory=list)  # per confidence bucket: verified (prior included)
@@ -166,7 +167,7 @@ class Auto:
         levels run, and (when the engine times its steps) what drafting and verifying cost."""
         tree, levels = step.tree, step.levels
         accepted = set(step.path[:n].tolist())
-        timed = "verify" in step.times
+        timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable
         draft_s, verify_s = step.times.get("draft", 0.0), step.times.get("verify", 0.0)
         for run in self.runs.values():
             run[:] = [DECAY * v for v in run]

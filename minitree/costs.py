@@ -41,7 +41,7 @@ import torch
 
 from . import tp
 from .forms import INT4_GROUP, FormLinear, q4_runs, quant_kinds
-from .kernels import source_version
+from .kernels import kernels, source_version
 from .machine import describe, machine, onednn, packs
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
@@ -60,13 +60,15 @@ def settings(model, lossy: bool = False) -> list[str]:
     half-precision float weights on a CPU with oneDNN, oneDNN off, packed copies (where oneDNN packs
     that dtype) and fp32 copies; lossy int8/int4 copies where the runner may approximate (a draft),
     and q4 copies (Q4_1 on minitree's integer kernel) where that kernel builds. A quantized model
-    keeps its own exact kernel: no float copies."""
+    keeps its own exact kernel: no float copies; a GGUF one may take that kernel's AMX path ("tiles")."""
     w = model.model.embed_tokens.weight
     found = ["native"]
     cpu = w.device.type == "cpu"
     quantized = any(m.quantized for m in form_layers(model))
     if cpu and not quantized and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         found += ["gemv", "packed", "fp32"] if packs(w.dtype) else ["gemv", "fp32"]
+    if cpu and any(m.form("tiles") == "tiles" for m in form_layers(model)) and "amx" in kernels().int_paths():
+        found.append("tiles")
     if lossy and cpu:
         found.append("int8")
         if all(m.in_features % INT4_GROUP == 0 for m in form_layers(model)):

@@ -111,7 +111,8 @@ class Engine:
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         for r in runners:
             r.reserve(cache_len)
-        self.auto = Auto(self.draft.plan.cost, self.target.plan.cost) if auto else None
+        self.auto = Auto(self.draft.plan.cost, self.target.plan.cost,
+                         seconds=bool(self.draft.plan.costs and self.target.plan.costs)) if auto else None
         self.seq = Committed(cache_len, self.device)
         gpu = self.device.type == "cuda"
         self.generator = torch.Generator(device=self.device)  # one object: a captured graph keeps its state

@@ -19,6 +19,8 @@ Kernel settings, and the form each layer uses for them:
           cost far less in fp32; the same weights at higher precision, the output cast back
   int8    lossy: weight-only int8, one scale per output channel (drafts only: a draft proposes)
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
+  tiles   a GGUF layer's own weights on the integer kernel's AMX-INT8 path (CPUs with AMX): the same
+          bits as its vector path, which serves "native"; the plan measures which is cheaper per row count
   q4      lossy: the weights requantized to GGUF's Q4_1 (min-max levels per 32 inputs, fp16 scale and
           minimum) on minitree's integer kernel (drafts only; inputs in multiples of 32, else int4)
 
@@ -96,6 +98,7 @@ def _(x, packed):
 
 
 Q4_1 = 3  # the ggml type of the q4 form
+AMX = 4  # the integer kernel's AMX path (gguf.PATHS)
 
 
 def q4_runs() -> bool:
@@ -198,6 +201,8 @@ class FormLinear(nn.Module):
         """The form this layer uses for a kernel setting (module docstring)."""
         if setting == "gemv":
             return "native"
+        if setting == "tiles":
+            return "tiles" if self.quantized and hasattr(self.source, "groups") else "native"
         if setting == "q4":
             return "q4" if self.q4_fits else "int4" if self.in_features % INT4_GROUP == 0 else "native"
         return setting
@@ -235,6 +240,8 @@ class FormLinear(nn.Module):
             self.qweight, self.scale = int8_weights(self.float_weight())
         elif form == "int4":
             self.qweight4, self.scales_zeros = int4_weights(self.float_weight())
+        elif form == "tiles":
+            pass  # the source's own groups
         elif form == "q4":
             w = self.source.dequantize() if self.quantized else self.source.weight.detach()
             self.q4 = kernels().int_repack(kernels().int_quantize(w, Q4_1), Q4_1, self.in_features)
@@ -251,6 +258,8 @@ class FormLinear(nn.Module):
         if form == "fp32":
             linear = packed_linear_bias if self.packed32 else F.linear
             return linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+        if form == "tiles":
+            return self.source(x, AMX)
         if form == "q4":
             y = self.int_mm(x.reshape(-1, x.shape[-1]), self.q4, Q4_1, self.out_features).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias

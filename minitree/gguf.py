@@ -28,6 +28,7 @@ from .errors import LoadError
 from .forms import QuantLinear
 from .kernels import kernels, source_version
 
+PATHS = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx")  # the integer kernel's paths (csrc/integer.cpp)
 SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -61,9 +62,11 @@ class GGUFLinear(QuantLinear):
         groups = kernels().int_repack(blocks, int(getattr(_types(), kind)), in_features)
         return cls(groups, kind, in_features, blocks.shape[0], bias, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: int = -1) -> torch.Tensor:
+        """x @ W^T (+ bias); `path`: an instruction-set path of the kernel (PATHS), -1 for its own choice.
+        Every path gives the same bits."""
         rows = x.numel() // x.shape[-1]
-        y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features).view(*x.shape[:-1], -1)
+        y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features, path).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> torch.Tensor:

@@ -196,13 +196,14 @@ def test_sampling_a_quantized_target_matches_its_distribution(quantized_markov_p
 
 
 def test_settings_of_a_quantized_model(quantized_pair):
-    """A quantized target runs on its own kernel only (no float copy would round alike); a quantized
-    draft may also take lossy copies."""
+    """A quantized target runs on its own kernel only (no float copy would round alike), on its AMX path
+    where the CPU has one; a quantized draft may also take lossy copies."""
+    tiles = ["tiles"] if "amx" in PATHS else []
     model = minitree.load(quantized_pair[1], dtype=torch.bfloat16)
     assert settings(minitree.Runner(model, compile=False, plan="none", lossy=True).model, lossy=True) == \
-        ["native", "int8", "int4", "q4"]
+        ["native", *tiles, "int8", "int4", "q4"]
     target = minitree.Runner(minitree.load(quantized_pair[0], dtype=torch.bfloat16), compile=False, plan="none")
-    assert settings(target.model) == ["native"]
+    assert settings(target.model) == ["native", *tiles]
 
 
 def test_costs_are_measured_again_for_other_kernels(quantized_pair):

@@ -22,20 +22,28 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def agreement(runs: list[dict], reference: list[dict]) -> float:
+    """The share of the reference's tokens that a system's output repeats at the same place, prompt by prompt."""
+    same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(runs, reference))
+    return same / max(sum(len(p["tokens"]) for p in reference), 1)
+
+
 def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
     """Per prompt set and system: tokens/s, speedup (geometric mean of per-prompt ratios against
-    plain decoding), tau, acceptance per depth, agreement with plain, time split, peak memory."""
+    plain decoding), tau, acceptance per depth, agreement with minitree's plain decoding (and with
+    llama.cpp's greedy output, when it ran), time split, peak memory."""
     table = {}
     for ps in prompt_sets:
-        plain = runs[ps]["plain"]
+        plain, llama = runs[ps]["plain"], runs[ps].get("llama.cpp")
         for s in systems:
             rs = runs[ps][s.name]
             tps = [r["new_tokens"] / r["wall_s"] for r in rs]
             row = dict(tokens_per_s=sum(r["new_tokens"] for r in rs) / sum(r["wall_s"] for r in rs),
                        peak_rss_gb=max(r["peak_rss"] for r in rs) / 2**30, nodes=s.nodes)
             row["speedup"] = geomean([t / (p["new_tokens"] / p["wall_s"]) for t, p in zip(tps, plain)])
-            same = sum(sum(a == b for a, b in zip(r["tokens"], p["tokens"])) for r, p in zip(rs, plain))
-            row["agreement"] = same / max(sum(len(p["tokens"]) for p in plain), 1)
+            row["agreement"] = agreement(rs, plain)
+            if llama is not None:
+                row["agreement_llama_cpp"] = agreement(rs, llama)
             row["first_token_s"] = sorted(r["stats"]["first_token_s"] for r in rs)[len(rs) // 2]  # median
             stats = [r["stats"] for r in rs if "target_forwards" in r["stats"]]
             if stats:
@@ -59,8 +67,8 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
     return table
 
 
-COLUMNS = ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "draft/verify/other", "TTFT",
-           "peak RSS")
+COLUMNS = ("system", "nodes", "tok/s", "speedup", "tau", "accept by depth", "agree", "agree llama.cpp",
+           "draft/verify/other", "TTFT", "peak RSS")
 
 
 def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
@@ -71,6 +79,7 @@ def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
         rows.append((s.name, str(r["nodes"] or ""), f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
                      f"{r['tau']:.2f}" if "tau" in r else "",
                      " ".join(f"{a:.2f}" for a in r.get("acceptance_per_depth", [])), f"{r['agreement']:.3f}",
+                     f"{r['agreement_llama_cpp']:.3f}" if "agreement_llama_cpp" in r else "",
                      "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
                      f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
                      f"{r['first_token_s']:.2f} s", f"{r['peak_rss_gb']:.1f} GB"))

@@ -420,7 +420,7 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
-static constexpr int ROWS = 4;  // rows per call of `group`
+static constexpr bool TILES = false;
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -453,7 +453,7 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
-static constexpr int ROWS = 4;
+static constexpr bool TILES = false;
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -484,7 +484,7 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
   }
 }
-static constexpr int ROWS = 4;
+static constexpr bool TILES = false;
 static inline void begin_rows(int, int) {}
 static inline void end_rows() {}
 #include "integer_paths.h"
@@ -507,24 +507,31 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-// Tile 0: C [R, 16 int32]; 1: A [R, S int8] (R rows of x); 2: B [S / 4, 64 levels] (W).
+// Two tile sets: 0 and 3: C [R, 16 int32]; 1 and 4: A [R, S int8] (R rows of x); 2 and 5: B [S / 4, 64 levels] (W).
 static inline void begin_rows(int R, int S) {
   TileConfig c;
-  c.rows[0] = R, c.colsb[0] = 64;
-  c.rows[1] = R, c.colsb[1] = S;
-  c.rows[2] = S / 4, c.colsb[2] = 64;
+  for (int t : {0, 3}) c.rows[t] = R, c.colsb[t] = 64;
+  for (int t : {1, 4}) c.rows[t] = R, c.colsb[t] = S;
+  for (int t : {2, 5}) c.rows[t] = S / 4, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }
 static inline void end_rows() { _tile_release(); }
-static constexpr int ROWS = 16;  // rows per tile
+static constexpr bool TILES = true;
+// C = A B (signed A: activations, unsigned B: levels), stored; tile numbers are literals (gcc's intrinsics are macros).
+#define TILE_DOTS(C, A, B)     \
+  do {                         \
+    _tile_loadd(A, x, ldx);    \
+    _tile_loadd(B, W, 64);     \
+    _tile_zero(C);             \
+    _tile_dpbsud(C, A, B);     \
+    _tile_stored(C, dots, 64); \
+  } while (0)
 template <int BITS, int QUADS, int NR>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int, I32* dots) {
-  _tile_loadd(1, x, ldx);
-  _tile_loadd(2, W, 64);
-  _tile_zero(0);
-  _tile_dpbsud(0, 1, 2);  // signed A (activations) x unsigned B (levels)
-  _tile_stored(0, dots, 64);
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int set, I32* dots) {
+  if (set == 0) TILE_DOTS(0, 1, 2);
+  else TILE_DOTS(3, 4, 5);
 }
+#undef TILE_DOTS
 #include "integer_paths.h"
 }  // namespace amx
 #pragma GCC pop_options

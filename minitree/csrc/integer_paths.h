@@ -1,6 +1,7 @@
 // The vector paths' driver (integer.cpp), included once per instruction set inside its namespace,
-// after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes -> int32), `sub_dots`, ROWS and
-// `begin_rows`/`end_rows` (tile setup).
+// after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes -> int32), `dpwssd` (int16 pair
+// products), `sub_dots`, TILES (whether sub_dots runs on AMX tiles, for up to 16 rows: its R argument
+// then names one of two tile sets) and `begin_rows`/`end_rows` (tile setup).
 // It computes integer.cpp's formulas in the same order as mm_portable, 16 outputs per vector.
 
 // Sub-block levels -> W [quads] of 64 bytes (byte 4 o + i: output o, input 4 quad + i).
@@ -38,7 +39,6 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
   F32 acc[N];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
   alignas(64) U8 W[T::quads];
-  alignas(64) I32 dots[N];
   for (int64_t b = 0; b < nb; ++b, g += T::bytes) {
     // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead of use.
     for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + AHEAD + line);
@@ -59,9 +59,22 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
         else S[r] = sum * -T::offset;
       }
     }
+    // sub-block j's dots with the rows: computed as they are used (vector paths), or, on tiles, all of a
+    // block's first (two tile sets in turn: one multiply's latency hides behind the other's)
+    alignas(64) I32 block_dots[TILES ? J : 1][N];
+    if constexpr (TILES) {
+      alignas(64) U8 levels[J][T::quads];
+      for (int j = 0; j < J; ++j) {
+        unpack<T>(g + T::levels_at + j * T::level_bytes, levels[j]);
+        sub_dots<T::bits, T::quads, NR>(levels[j], xq + b * T::block + j * T::sub, K, j % 2, block_dots[j]);
+      }
+    }
     for (int j = 0; j < J; ++j) {
-      unpack<T>(g + T::levels_at + j * T::level_bytes, W);
-      sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, dots);
+      const I32* dots = block_dots[TILES ? j : 0];
+      if constexpr (!TILES) {
+        unpack<T>(g + T::levels_at + j * T::level_bytes, W);
+        sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, block_dots[0]);
+      }
       if constexpr (T::scales) {
         const I32 sc = widen<T::type_id == Q6_K>(g + T::sc_at + 16 * j);
         for (int r = 0; r < R; ++r) S[r] += sc * dots[r];
@@ -92,11 +105,11 @@ static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, 
   at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
     int configured = 0;
     for (int64_t gi = g0; gi < g1; ++gi)
-      for (int64_t r = 0; r < R; r += ROWS) {
-        const int n = static_cast<int>(std::min<int64_t>(ROWS, R - r));
+      for (int64_t r = 0; r < R; r += TILES ? 16 : 4) {
+        const int n = static_cast<int>(std::min<int64_t>(TILES ? 16 : 4, R - r));
         const uint8_t* g = gp + gi * group_bytes;
         float* out = y + r * ldy + 16 * gi;
-        if constexpr (ROWS == 16) {
+        if constexpr (TILES) {
           if (n != configured) begin_rows(n, T::sub), configured = n;
           group<T, 0>(g, a, r, n, out, ldy);
         } else {

@@ -1,0 +1,110 @@
+"""One rounding for every row count: a GGUF target computes the same bits for a token whatever shares
+its forward, so speculative decoding gives exactly plain decoding's tokens in the precision users run
+(bf16), not only in fp32."""
+
+import pytest
+import torch
+
+import minitree
+from minitree.attention import NO_TREE
+from minitree.gguf import GGUFLinear
+from test_gguf import SIZES, blocks_reversed
+from tiny import gguf_types, save_random, write_gguf
+
+PROMPT = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+# The default pair's types: Q4_K and Q6_K in the target, Q8_0 and Q5_0 in the draft.
+TARGET = {"attn": "Q4_K", "attn_v": "Q6_K", "ffn_up": "Q4_K", "ffn_gate": "Q4_K", "ffn_down": "Q6_K",
+          "output.weight": "Q6_K", "token_embd": "Q4_K"}
+DRAFT = {"ffn": "Q8_0", "attn": "Q5_0", "output.weight": "Q8_0"}
+TREES = ["1,1,1,1", "2,2,1", "3,3,2,1", "[(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]", "dynamic:depth=4,width=2,k=2,nodes=6",
+         "auto"]
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    """A tiny Qwen2 target and a noisy copy as draft, as GGUF files of the default pair's types, in bf16.
+    Weights drawn 5x wider than transformers' default, so that greedy text does not settle on one token."""
+    root = tmp_path_factory.mktemp("exact-pair")
+    kw = dict(tie_word_embeddings=False, initializer_range=0.1, **SIZES)
+    hf = save_random(root / "target", "qwen2", seed=41, **kw)
+    write_gguf(hf, root / "target.gguf", gguf_types(TARGET))
+    draft = save_random(root / "draft", "qwen2", seed=42, noise_from=root / "target", noise=0.1, **kw)
+    write_gguf(draft, root / "draft.gguf", gguf_types(DRAFT))
+    return [minitree.load(root / f"{name}.gguf", dtype=torch.bfloat16) for name in ("target", "draft")]
+
+
+def logits_by_rows(model, compile: bool, rows: list[int]) -> dict[int, torch.Tensor]:
+    """The logits of PROMPT[50:66] computed in forwards of `rows` rows each (the prompt before them cached
+    in one prefill): {rows: [16, vocab]}."""
+    runner = minitree.Runner(model, compile=compile, plan="none", cache_len=256, prefill_chunks=(32,))
+    ids = torch.tensor(PROMPT)
+    zero, anc = torch.zeros(16, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    out = {}
+    with torch.inference_mode():
+        runner.cache(ids, 0, 50)
+        for n in rows:
+            parts = []
+            for start in range(50, 66, n):
+                slots = torch.arange(start, min(start + n, 66))
+                parts.append(runner(ids[slots], slots, slots, zero[: len(slots)], torch.tensor(NO_TREE), anc))
+            out[n] = torch.cat(parts)
+    return out
+
+
+def test_a_token_has_the_same_logits_in_forwards_of_any_row_count(bf16_pair):
+    """Eager: 16 tokens decoded one per forward, or in forwards of 2 .. 16 rows: bit-identical logits."""
+    by_rows = logits_by_rows(bf16_pair[0], False, list(range(1, 17)))
+    for n, logits in by_rows.items():
+        assert torch.equal(logits, by_rows[1]), f"{n} rows"
+
+
+@pytest.mark.slow
+def test_compiled_forwards_round_alike_at_any_row_count(bf16_pair):
+    """Compiled (Inductor's code for the norms, RoPE, SiLU and residuals; one graph per row count): the same."""
+    by_rows = logits_by_rows(bf16_pair[0], True, [1, 3, 16])
+    assert torch.equal(by_rows[3], by_rows[1]) and torch.equal(by_rows[16], by_rows[1])
+
+
+def float_verify(monkeypatch):
+    """Plant a kernel that multiplies forwards of several rows in float (the products summed in another
+    order, the activations not quantized): how a float GEMM for verify passes rounds."""
+    own = GGUFLinear.forward
+
+    def planted(self, x):
+        if x.numel() == x.shape[-1]:
+            return own(self, x)
+        y = x.float() @ self.dequantize().T
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    monkeypatch.setattr(GGUFLinear, "forward", planted)
+
+
+def test_the_row_count_check_catches_a_kernel_that_sums_in_another_order(bf16_pair, monkeypatch):
+    """Negative control: with the planted kernel, the check above fails."""
+    float_verify(monkeypatch)
+    by_rows = logits_by_rows(bf16_pair[0], False, [1, 4])
+    assert not torch.equal(by_rows[4], by_rows[1])
+
+
+@pytest.fixture(scope="module")
+def plain_bf16(bf16_pair):
+    return minitree.Engine(bf16_pair[0], compile=False, max_seq_len=512).generate(PROMPT, 160, eos_token_ids=[]).tokens
+
+
+@pytest.mark.parametrize("spec", TREES)
+def test_greedy_bf16_decoding_equals_plain_decoding(bf16_pair, plain_bf16, spec):
+    """Every tree kind, in bf16, over 160 tokens: the tokens of plain decoding, exactly."""
+    target, draft = bf16_pair
+    result = minitree.Engine(target, draft, spec, compile=False, max_seq_len=512).generate(PROMPT, 160, eos_token_ids=[])
+    assert len(set(plain_bf16)) > 50  # text, not one token repeated
+    assert result.tokens == plain_bf16
+    assert result.stats.tau > 1.2 if spec != "auto" else result.stats.draft_forwards > 0  # auto, unmeasured: mostly plain
+
+
+def test_the_decoding_check_catches_a_kernel_that_sums_in_another_order(bf16_pair, plain_bf16, monkeypatch):
+    """Negative control: with verify passes multiplied in float, tree decoding departs from plain decoding."""
+    float_verify(monkeypatch)
+    target, draft = bf16_pair
+    result = minitree.Engine(target, draft, "3,3,2,1", compile=False, max_seq_len=512).generate(PROMPT, 160,
+                                                                                                eos_token_ids=[])
+    assert result.tokens != plain_bf16
