@@ -29,25 +29,24 @@ static inline void unpack(const uint8_t* L, U8* W) {
 // compile-time count, so that a few rows' sums stay in registers), or, with NR = 0, R <= 16 (tiles).
 template <class T, int NR>
 static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y, int64_t ldy) {
-  constexpr int J = T::subs;
+  constexpr int J = T::subs, N = NR ? NR : 16;
   const int R = NR ? NR : rows;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
   const int8_t* xq = a.q.data() + r0 * K;
   const float* xd = a.d.data() + r0 * nb;
   const int32_t* xs = a.s.data() + r0 * ns;
-  constexpr int N = NR ? NR : 16;
   F32 acc[N];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
-  alignas(64) U8 W[T::quads];
-  for (int64_t b = 0; b < nb; ++b, g += T::bytes) {
-    // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead of use.
-    for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + AHEAD + line);
+
+  // Block b's sums: dots(j) gives sub-block j's dots with the R rows.
+  auto finish = [&](int64_t b, auto dots) {
+    const uint8_t* gb = g + b * T::bytes;
     I32 S[N], M[N];
     for (int r = 0; r < R; ++r) S[r] = I32{}, M[r] = I32{};
     if constexpr (T::scales) {
       // The rows' sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
       // -32 sum_j sc_j xs_j), two sub-blocks per int16 pair product.
-      const uint8_t* by = g + (T::type_id == Q4_K ? T::m_at : T::sc_at);
+      const uint8_t* by = gb + (T::type_id == Q4_K ? T::m_at : T::sc_at);
       I32 pairs[J / 2];
       for (int p = 0; p < J / 2; ++p)
         pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
@@ -59,40 +58,61 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
         else S[r] = sum * -T::offset;
       }
     }
-    // sub-block j's dots with the rows: computed as they are used (vector paths), or, on tiles, all of a
-    // block's first (two tile sets in turn: one multiply's latency hides behind the other's)
-    alignas(64) I32 block_dots[TILES ? J : 1][N];
-    if constexpr (TILES) {
-      alignas(64) U8 levels[J][T::quads];
-      for (int j = 0; j < J; ++j) {
-        unpack<T>(g + T::levels_at + j * T::level_bytes, levels[j]);
-        sub_dots<T::bits, T::quads, NR>(levels[j], xq + b * T::block + j * T::sub, K, j % 2, block_dots[j]);
-      }
-    }
     for (int j = 0; j < J; ++j) {
-      const I32* dots = block_dots[TILES ? j : 0];
-      if constexpr (!TILES) {
-        unpack<T>(g + T::levels_at + j * T::level_bytes, W);
-        sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, block_dots[0]);
-      }
+      const I32* d = dots(j);
       if constexpr (T::scales) {
-        const I32 sc = widen<T::type_id == Q6_K>(g + T::sc_at + 16 * j);
-        for (int r = 0; r < R; ++r) S[r] += sc * dots[r];
+        const I32 sc = widen<T::type_id == Q6_K>(gb + T::sc_at + 16 * j);
+        for (int r = 0; r < R; ++r) S[r] += sc * d[r];
       } else {
         for (int r = 0; r < R; ++r) {
           const int32_t s = xs[r * ns + b * J + j];
-          S[r] += dots[r] - T::offset * s;
+          S[r] += d[r] - T::offset * s;
           if constexpr (T::mins) M[r] += s;
         }
       }
     }
-    const F32 d = halves(g + T::d_at);
+    const F32 d = halves(gb + T::d_at);
     F32 c{};
-    if constexpr (T::mins) c = halves(g + T::c_at);
+    if constexpr (T::mins) c = halves(gb + T::c_at);
     for (int r = 0; r < R; ++r) {
       const float x = xd[r * nb + b];
       acc[r] = acc[r] + (x * d) * __builtin_convertvector(S[r], F32);
       if constexpr (T::mins) acc[r] = acc[r] + (x * c) * __builtin_convertvector(M[r], F32);
+    }
+  };
+  // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead of use.
+  auto prefetch = [&](int64_t b) {
+    for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + b * T::bytes + AHEAD + line);
+  };
+
+  if constexpr (TILES) {
+    // A block's levels are unpacked one block ahead of its tile multiplies, and their products scaled
+    // one block behind: no tile load waits on the vector stores just made, no vector load on a tile
+    // store. Sub-blocks alternate between two tile sets, so that one's latency hides behind the other.
+    alignas(64) U8 levels[2][J][T::quads];
+    alignas(64) I32 dots[2][J][N];
+    auto unpack_block = [&](int64_t b) {
+      for (int j = 0; j < J; ++j) unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, levels[b % 2][j]);
+    };
+    unpack_block(0);
+    for (int64_t b = 0; b < nb; ++b) {
+      prefetch(b);
+      if (b + 1 < nb) unpack_block(b + 1);
+      for (int j = 0; j < J; ++j)
+        sub_dots<T::bits, T::quads, NR>(levels[b % 2][j], xq + b * T::block + j * T::sub, K, j % 2, dots[b % 2][j]);
+      if (b > 0) finish(b - 1, [&](int j) { return dots[(b - 1) % 2][j]; });
+    }
+    finish(nb - 1, [&](int j) { return dots[(nb - 1) % 2][j]; });
+  } else {
+    alignas(64) U8 W[T::quads];
+    alignas(64) I32 dots[N];
+    for (int64_t b = 0; b < nb; ++b) {
+      prefetch(b);
+      finish(b, [&](int j) {
+        unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, W);
+        sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, dots);
+        return static_cast<const I32*>(dots);
+      });
     }
   }
   for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], 64);
