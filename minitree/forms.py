@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EngineError, LoadError
-from .kernels import kernels
+from .kernels import kernels, source_version
 from .machine import packs
 
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input features
@@ -97,8 +97,10 @@ def _(x, packed):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-Q4_1 = 3  # the ggml type of the q4 form
-AMX = 4  # the integer kernel's AMX path (gguf.PATHS)
+GGML_TYPES = dict(Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q6_K=14)  # ggml's numbers of the kernel's types
+Q4_1 = GGML_TYPES["Q4_1"]  # the q4 form's type
+PATHS = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx")  # the integer kernel's paths (csrc/integer.cpp)
+AMX = PATHS.index("amx")
 
 
 def q4_runs() -> bool:
@@ -180,6 +182,51 @@ class Int4Linear(QuantLinear):
         sz, eye = self.scales_zeros.float(), torch.eye(self.in_features, device=self.qweight.device)
         cols = [int4_linear(eye[i:i + 512], self.qweight, sz, None) for i in range(0, self.in_features, 512)]
         return torch.cat(cols).T.contiguous()
+
+
+class GGUFLinear(QuantLinear):
+    """A linear layer on a GGUF tensor's weights of `kind` (a ggml type), held as the integer kernel's
+    groups of 16 outputs (`groups`: the file's blocks regrouped, the same bytes per weight)."""
+
+    def __init__(self, groups: torch.Tensor, kind: str, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.qtype, self.dtype = f"gguf-{kind}", GGML_TYPES[kind], dtype
+        self.code = source_version()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("groups", groups)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.mm = kernels().int_mm
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> GGUFLinear:
+        """From the file's blocks [out, bytes per row]."""
+        groups = kernels().int_repack(blocks, GGML_TYPES[kind], in_features)
+        return cls(groups, kind, in_features, blocks.shape[0], bias, dtype)
+
+    def forward(self, x: torch.Tensor, path: int = -1) -> torch.Tensor:
+        """x @ W^T (+ bias); `path`: an instruction-set path of the kernel (PATHS), -1 for its own choice.
+        Every path gives the same bits."""
+        rows = x.numel() // x.shape[-1]
+        y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features, path).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return kernels().int_dequantize(self.groups, self.qtype, self.in_features, self.out_features)
+
+    @classmethod
+    def quantized(cls, linear: nn.Linear, kind: str) -> GGUFLinear:
+        """A float layer's weights quantized to `kind` (Q8_0 or Q4_1: ggml's reference quantizers)."""
+        w = linear.weight.detach()
+        blocks = kernels().int_quantize(w, GGML_TYPES[kind])
+        return cls.from_blocks(blocks, kind, w.shape[1], linear.bias, w.dtype)
+
+    def first_outputs(self, k: int) -> GGUFLinear:
+        """Its first k outputs (the groups that hold them; the last one's extra outputs are computed, then dropped)."""
+        bias = None if self.bias is None else self.bias[:k].detach()
+        return GGUFLinear(self.groups[: -(-k // 16)].clone(), self.kind.removeprefix("gguf-"), self.in_features, k,
+                          bias, self.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,12 +327,14 @@ def replace_linears(model: nn.Module, make) -> nn.Module:
     return model
 
 
-QUANTIZE = {"int8": Int8Linear, "int4": Int4Linear}
+QUANTIZE = {"int8": Int8Linear, "int4": Int4Linear, "q8_0": lambda m: GGUFLinear.quantized(m, "Q8_0"),
+            "q4_1": lambda m: GGUFLinear.quantized(m, "Q4_1")}
 
 
 def quantize(model: nn.Module, kind: str) -> nn.Module:
-    """Replace every float linear by its weight-only `kind` ("int8" or "int4") form and drop the
-    float weights (in place): another model, whose output speculative decoding then keeps."""
+    """Replace every float linear by its weight-only `kind` form and drop the float weights (in place):
+    another model, whose output speculative decoding then keeps. "int8", "int4": torch's CPU kernels;
+    "q8_0", "q4_1": GGUF blocks on minitree's integer kernel (exact at every row count, README)."""
     if kind not in QUANTIZE:
         raise EngineError(f"quantization must be one of {', '.join(QUANTIZE)}, got {kind!r}")
     if quant_kinds(model):

@@ -16,7 +16,6 @@ dequantized once to the activations' dtype.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,9 @@ from torch import nn
 
 from .config import from_hf_config
 from .errors import LoadError
-from .forms import QuantLinear
-from .kernels import kernels, source_version
+from .forms import GGUFLinear
+from .kernels import kernels
 
-PATHS = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx")  # the integer kernel's paths (csrc/integer.cpp)
 SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -39,50 +37,6 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-class GGUFLinear(QuantLinear):
-    """A linear layer on a GGUF tensor's weights of `kind` (a ggml type), held as the integer kernel's
-    groups of 16 outputs (`groups`: the file's blocks regrouped, the same bytes per weight)."""
-
-    def __init__(self, groups: torch.Tensor, kind: str, in_features: int, out_features: int,
-                 bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.kind, self.qtype, self.dtype = f"gguf-{kind}", int(getattr(_types(), kind)), dtype
-        self.code = source_version()
-        self.out_features, self.in_features = out_features, in_features
-        self.register_buffer("groups", groups)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.mm = kernels().int_mm
-
-    @classmethod
-    def from_blocks(cls, blocks: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None,
-                    dtype: torch.dtype) -> GGUFLinear:
-        """From the file's blocks [out, bytes per row]."""
-        groups = kernels().int_repack(blocks, int(getattr(_types(), kind)), in_features)
-        return cls(groups, kind, in_features, blocks.shape[0], bias, dtype)
-
-    def forward(self, x: torch.Tensor, path: int = -1) -> torch.Tensor:
-        """x @ W^T (+ bias); `path`: an instruction-set path of the kernel (PATHS), -1 for its own choice.
-        Every path gives the same bits."""
-        rows = x.numel() // x.shape[-1]
-        y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features, path).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-    def dequantize(self) -> torch.Tensor:
-        return kernels().int_dequantize(self.groups, self.qtype, self.in_features, self.out_features)
-
-    def first_outputs(self, k: int) -> GGUFLinear:
-        """Its first k outputs (the groups that hold them; the last one's extra outputs are computed, then dropped)."""
-        bias = None if self.bias is None else self.bias[:k].detach()
-        return GGUFLinear(self.groups[: -(-k // 16)].clone(), self.kind.removeprefix("gguf-"), self.in_features, k,
-                          bias, self.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _types():
-    from gguf import GGMLQuantizationType
-    return GGMLQuantizationType
 
 
 def _field(reader, key: str):

@@ -23,8 +23,8 @@ tree's choices are constant tensors, a dynamic tree's come from the confidences.
 Node 0 is the root (the last committed token). The draft's first-choice path (rank 0 at every
 depth) is numbered first, nodes 1..D, the other nodes follow by depth, so every ancestor has a
 smaller index than its descendants. A node's index is also its cache slot offset during
-verify, so the first-choice path sits where plain decoding would put its tokens and rounds
-like it (README, "bf16 and exactness").
+verify, so the first-choice path sits where plain decoding would put its tokens (with exact
+attention every node rounds as in plain decoding anyway: README, "What is exact").
 """
 
 from __future__ import annotations

@@ -108,3 +108,13 @@ def test_the_decoding_check_catches_a_kernel_that_sums_in_another_order(bf16_pai
     result = minitree.Engine(target, draft, "3,3,2,1", compile=False, max_seq_len=512).generate(PROMPT, 160,
                                                                                                 eos_token_ids=[])
     assert result.tokens != plain_bf16
+
+
+def test_a_float_model_quantized_to_gguf_blocks_is_exact_in_bf16(pair_dirs):
+    """--quantize q8_0 / q4_1 puts a float model on the integer kernel: exact in bf16 too."""
+    for kind in ("q8_0", "q4_1"):
+        target = minitree.quantize(minitree.load(pair_dirs[0], dtype=torch.bfloat16), kind)
+        draft = minitree.load(pair_dirs[1], dtype=torch.bfloat16)
+        assert isinstance(target.lm_head, GGUFLinear) and target.lm_head.kind == f"gguf-{kind.upper()}"
+        reference = minitree.Engine(target, compile=False, max_seq_len=256).generate(PROMPT, 64).tokens
+        assert minitree.Engine(target, draft, "2,2,1", compile=False, max_seq_len=256).generate(PROMPT, 64).tokens == reference
