@@ -53,11 +53,13 @@ DYNAMIC = ["dynamic", "dynamic@0.3", "dynamic:depth=8,width=2,k=4,nodes=10@0.3",
            "dynamic:depth=4,width=4,k=4,nodes=15@0.3", "auto"]
 
 
-def sources(name: str, quantized: bool, rank: int) -> tuple[Path, Path | None, Path | None]:
+def sources(name: str, quantized: bool, floats: bool, rank: int) -> tuple[Path, Path | None, Path | None]:
     """(what minitree loads, a Hugging Face directory for transformers, a GGUF file for llama.cpp) of a
-    known model name (fetched by rank 0; quantized: its GGUF file), a checkpoint directory or a .gguf file."""
+    known model name (fetched by rank 0; quantized: its GGUF file; floats: a float copy too, for
+    transformers), a checkpoint directory or a .gguf file."""
     if name in MODELS:
-        folder = Path(minitree.tp.broadcast(str(fetch(name, gguf=quantized)) if rank == 0 else None))
+        folder = fetch(name, gguf=quantized, floats=floats or not quantized) if rank == 0 else None
+        folder = Path(minitree.tp.broadcast(str(folder) if folder else None))
         gguf = folder / GGUF_NAME if (folder / GGUF_NAME).exists() else None
         return (gguf if quantized else folder), folder, gguf
     path = Path(name)
@@ -115,7 +117,8 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     texts = minitree.tp.broadcast(texts)
     quantized = not dequantize and device == "cpu" and world == 1
     (target_path, target_dir, target_gguf), (draft_path, draft_dir, draft_gguf) = (
-        sources(n, quantized, rank) for n in (checkpoint or DEFAULT_TARGET, draft or DEFAULT_DRAFT))
+        sources(n, quantized, any(s in HF_SYSTEMS for s in names), rank) for n in (checkpoint or DEFAULT_TARGET,
+                                                                                  draft or DEFAULT_DRAFT))
     target = minitree.load(target_path, dtype=torch_dtype, device=device, tensor_parallel=True, dequantize=dequantize)
     drafter = minitree.load(draft_path, dtype=torch_dtype, device=device, tokenizer=False, dequantize=dequantize)
     tok = target.tokenizer

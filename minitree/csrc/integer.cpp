@@ -357,8 +357,6 @@ static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, in
 typedef uint8_t U8 __attribute__((vector_size(64)));
 typedef int32_t I32 __attribute__((vector_size(64)));
 typedef float F32 __attribute__((vector_size(64)));
-typedef int8_t I8x16 __attribute__((vector_size(16)));
-typedef uint8_t U8x16 __attribute__((vector_size(16)));
 
 static constexpr int AHEAD = 4096;  // bytes of weights asked for ahead of use
 
