@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import FetchError, LoadError
+from .gguf import ARCHITECTURES
 from .loading import hf_from_gguf, hf_tokenizer
 
 # Where named models live: $MINITREE_MODELS, or models/ beside the package.
@@ -166,7 +167,7 @@ def _convert(gguf: Path, out: Path, floats: bool) -> None:
         config, tok = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), hf_tokenizer(gguf)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)  # transformers refuses to re-save GGUF models; write plainly
-    cfg["architectures"] = cfg.get("architectures") or [config.architectures[0] if config.architectures else ""]
+    cfg["architectures"] = cfg.get("architectures") or [ARCHITECTURES.get(cfg.get("model_type"), "")]
     cfg["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)

