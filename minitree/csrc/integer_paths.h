@@ -125,19 +125,22 @@ static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, 
   at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
     int configured = 0;
     for (int64_t gi = g0; gi < g1; ++gi)
-      for (int64_t r = 0; r < R; r += TILES ? 16 : 4) {
-        const int n = static_cast<int>(std::min<int64_t>(TILES ? 16 : 4, R - r));
+      for (int64_t r = 0, n; r < R; r += n) {
+        const int64_t left = R - r;
+        n = TILES ? std::min<int64_t>(16, left) : left >= 8 ? 8 : left >= 6 ? 6 : std::min<int64_t>(4, left);
         const uint8_t* g = gp + gi * group_bytes;
         float* out = y + r * ldy + 16 * gi;
         if constexpr (TILES) {
-          if (n != configured) begin_rows(n, T::sub), configured = n;
-          group<T, 0>(g, a, r, n, out, ldy);
+          if (n != configured) begin_rows(static_cast<int>(n), T::sub), configured = static_cast<int>(n);
+          group<T, 0>(g, a, r, static_cast<int>(n), out, ldy);
         } else {
           switch (n) {
             case 1: group<T, 1>(g, a, r, 1, out, ldy); break;
             case 2: group<T, 2>(g, a, r, 2, out, ldy); break;
             case 3: group<T, 3>(g, a, r, 3, out, ldy); break;
-            default: group<T, 4>(g, a, r, 4, out, ldy);
+            case 4: group<T, 4>(g, a, r, 4, out, ldy); break;
+            case 6: group<T, 6>(g, a, r, 6, out, ldy); break;
+            default: group<T, 8>(g, a, r, 8, out, ldy);
           }
         }
       }
