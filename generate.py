@@ -120,16 +120,13 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
                              draft_lossy=draft_lossy)
 
     def run(ids: list[int], stream: bool) -> tuple[minitree.Result, float]:
-        compile_s = 0.0
-        if compile and not engine.warm:
-            compile_s, engine.warm = engine.warm_up(), True
+        compile_s = engine.warm_up() if compile else 0.0
         streamer = Streamer(tok, stream and rank == 0)
         result = engine.generate(ids, max_new_tokens, sampling, seed=seed, one_hot_draft=deterministic_draft,
                                  on_tokens=streamer)
         streamer([], final=True)
         return result, compile_s
 
-    engine.warm = False
     if prompt is None and prompt_file is not None:
         prompt = prompt_file.read_text()
     if prompt is None and not demo and sys.stdin.isatty() and not json_out:

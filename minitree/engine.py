@@ -37,30 +37,38 @@ class Committed:
     n             []   how many (device): steps advance it without a host read
     length        int  the same count on the host, updated after each step's one read
     draft_cached  int  the draft has cached every committed slot below this one
+    pending       bool a step moved n and its count is not read yet: no other step may start
     """
 
     def __init__(self, size: int, device):
         self.tokens = torch.zeros(size, dtype=torch.long, device=device)
         self.n = torch.zeros((), dtype=torch.long, device=device)
         self.length = self.draft_cached = 0
+        self.pending = False
+
+    def stepping(self) -> None:
+        """A step starts: it will move n, and `advanced` must note its count before the next one."""
+        if self.pending:
+            raise EngineError("the last step's count was not read: call engine.advance(step) before the next step")
+        self.pending = True
 
     def reset(self, prompt: list[int]) -> None:
         self.tokens.zero_()
         self.tokens[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.tokens.device)
         self.n.fill_(len(prompt))
-        self.length, self.draft_cached = len(prompt), 0
+        self.length, self.draft_cached, self.pending = len(prompt), 0, False
 
     def advanced(self, count: int, drafted: bool) -> None:
         """A step committed `count` tokens (already written on the device); the draft, if it drafted,
         cached every committed slot but the last two."""
-        self.length += count
+        self.length, self.pending = self.length + count, False
         if drafted:
             self.draft_cached = self.length - 2
 
     def rewind(self, length: int) -> None:
         """Forget the committed tokens after the first `length`."""
         self.n.fill_(length)
-        self.length, self.draft_cached = length, min(self.draft_cached, length - 2)
+        self.length, self.draft_cached, self.pending = length, min(self.draft_cached, length - 2), False
 
 
 class Engine:
@@ -75,12 +83,16 @@ class Engine:
     does not change. `draft_cutoff`: stop drafting a step once no node of the next level reaches
     this draft confidence. Prompt + output must fit in max_seq_len. `cuda_graphs`: on a GPU, each
     configuration's step is captured once as a CUDA graph and replayed (graphs.py; default on).
+    `masked_stop`: the draft's early stop as a device mask instead of a host read (draft.py;
+    default: on a GPU). Every setting is a constructor argument: nothing outside this class
+    assigns its attributes.
     """
 
     def __init__(self, target: Transformer | Runner, draft: Transformer | Runner | None = None,
                  tree: "TreeSpec | str | None" = None, *, max_seq_len: int = 2048, compile: bool = True,
                  attention: str | None = None, prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS, draft_cutoff: float = 0.0,
-                 plan: str | None = None, draft_lossy: bool | None = None, cuda_graphs: bool = True):
+                 plan: str | None = None, draft_lossy: bool | None = None, cuda_graphs: bool = True,
+                 masked_stop: bool | None = None):
         if draft is not None and draft is target and isinstance(draft, Runner):
             raise EngineError("the draft needs a runner of its own (each runner holds its own KV cache)")
         if draft is not None and draft.args.vocab_size != target.args.vocab_size:
@@ -118,7 +130,7 @@ class Engine:
         self.generator = torch.Generator(device=self.device)  # one object: a captured graph keeps its state
         self.graphs = StepGraphs(self._state, self.generator) if gpu and cuda_graphs else None
         self.timed = not gpu  # time each step's phases (on a GPU: a sync per phase, none inside a graph)
-        self.masked_stop = gpu  # the draft's early stop as a device mask, not a host read (draft.py)
+        self.masked_stop = gpu if masked_stop is None else masked_stop
 
     # ------------------------------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
@@ -151,11 +163,15 @@ class Engine:
     def warm_up(self) -> float:
         """Compile every shape this engine starts with (each prefill chunk shape of each model,
         every draft level and verify), so that no compilation lands in a timed decode -> seconds.
-        Tree auto compiles the shapes of other configurations when it first chooses them."""
-        self.seq.reset([0])
+        Tree auto compiles the shapes of other configurations when it first chooses them. Once
+        they are compiled this does nothing (and leaves the committed tokens alone)."""
         runners = [r for r in (self.target, self.draft) if r is not None]
         shapes = [(r, c) for r in runners for c in r.prefill_chunks] + self._shapes(self.tree)
-        return self._compile(shapes + (self._shapes(self._spec(self.auto.current)) if self.auto else []))
+        shapes += self._shapes(self._spec(self.auto.current)) if self.auto else []
+        if all(rows in runner.compiled for runner, rows in shapes):
+            return 0.0
+        self.seq.reset([0])
+        return self._compile(shapes)
 
     def _warm(self, spec: TreeSpec) -> bool:
         """Whether every forward a step along `spec` may run was compiled by warm_up or _compile."""
@@ -167,6 +183,19 @@ class Engine:
             self.specs[config.name] = config.spec().to(self.device)
         return self.specs[config.name]
 
+    @contextlib.contextmanager
+    def every_level_timed(self, graphs: bool = False):
+        """Within: the draft drafts every level (no early stop), and unless `graphs` each step runs
+        without its CUDA graph, each phase timed: for measuring what a step costs (bench/cost_only.py)."""
+        saved = self.draft_cutoff, self.graphs, self.timed
+        self.draft_cutoff = 0.0
+        if not graphs:
+            self.graphs, self.timed = None, True
+        try:
+            yield
+        finally:
+            self.draft_cutoff, self.graphs, self.timed = saved
+
     # ------------------------------------------------------------------------------------
     def _state(self) -> list[torch.Tensor]:
         """The tensors a step writes (graphs.py)."""
@@ -177,6 +206,7 @@ class Engine:
         the draft catches up with tokens it has not cached; on a GPU, replayed from a CUDA graph."""
         clock = Clock(self.timed, self.timed and self.device.type == "cuda")
         seq = self.seq
+        seq.stepping()
         if self.tree.max_depth and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
             self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
             clock.lap("catch_up")

@@ -31,14 +31,6 @@ from .machine import pin_vector_width
 from .model import RMSNorm, Transformer
 from .tree import MAX_NODES
 
-# The shared layer code gets one graph per (model shape, query length); a bench run with several
-# trees and two models needs more than Dynamo's default of 8 before it would silently run eagerly.
-torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
-# Inductor's wrappers check every input's size and stride again at each call (Dynamo's guards have
-# checked them before): about 0.15 ms per decoder layer on 2 cores, a tenth of a 0.5B draft forward.
-torch._inductor.config.size_asserts = False
-
 PLANS = ("measure", "exact", "none")
 
 
@@ -53,6 +45,20 @@ class RowNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.minitree_kernels.rms_norm(x, self.weight, self.eps)
+
+
+def configure_compiler(device: torch.device) -> None:
+    """The process-wide Dynamo/Inductor settings compiled runners need; applied by the first Runner
+    made with compile=True (importing minitree changes nothing)."""
+    # The shared layer code gets one graph per (model shape, query length); a bench run with several
+    # trees and two models needs more than Dynamo's default of 8 before it would silently run eagerly.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    # Inductor's wrappers check every input's size and stride again at each call (Dynamo's guards have
+    # checked them before): about 0.15 ms per decoder layer on 2 cores, a tenth of a 0.5B draft forward.
+    torch._inductor.config.size_asserts = False
+    if device.type == "cpu":
+        pin_vector_width()
 
 
 def replace_norms(model: nn.Module) -> nn.Module:
@@ -106,8 +112,7 @@ class Runner:
         if attention == "exact":  # a token rounds alike in every forward: its norms too
             replace_norms(self.model)
         if compile:
-            if self.device.type == "cpu":
-                pin_vector_width()
+            configure_compiler(self.device)
             for layer in self.model.model.layers:
                 layer.compile(fullgraph=True, dynamic=False)
         if not isinstance(plan, Plan):

@@ -50,9 +50,10 @@ def probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row of p [..., V] by inverse CDF with uniforms u [...] in [0, 1)."""
+    """One draw per row of p [..., V] by inverse CDF with uniforms u [...] in [0, 1): token i iff
+    cdf[i-1] <= u * total < cdf[i], so a token of probability 0 is never drawn, even at u = 0."""
     cdf = p.cumsum(-1)
-    idx = (cdf < u[..., None] * cdf[..., -1:]).sum(-1)
+    idx = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)
     return idx.clamp(max=p.shape[-1] - 1)
 
 

@@ -54,8 +54,7 @@ def test_a_step_reads_nothing_on_the_host(pair, tree, sampling, cutoff):
     """Eager, with the dense attention mask (every op dispatches one by one). The early stop runs as
     on a GPU: masked on the device instead of read on the host."""
     engine = minitree.Engine(pair[0], pair[1] if tree else None, tree, compile=False, attention="sdpa",
-                             max_seq_len=256, draft_cutoff=cutoff)
-    engine.masked_stop = True
+                             max_seq_len=256, draft_cutoff=cutoff, masked_stop=True)
     assert steps_under(engine, sampling) == []
 
 
@@ -88,8 +87,7 @@ def test_the_masked_early_stop_verifies_the_same_trees(pair, tree):
     results = []
     for masked in (False, True):
         engine = minitree.Engine(pair[0], pair[1], tree, compile=False, attention="sdpa", max_seq_len=256,
-                                 draft_cutoff=2e-3)
-        engine.masked_stop = masked
+                                 draft_cutoff=2e-3, masked_stop=masked)
         results.append(engine.generate(list(range(1, 60)), 40))
     (host, masked) = results
     assert host.tokens == masked.tokens and host.stats.accepted == masked.stats.accepted

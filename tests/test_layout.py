@@ -74,3 +74,41 @@ def test_no_import_cycle():
 def test_no_function_local_import_of_minitree():
     local = {name: imports(path)[1] for name, path in modules().items()}
     assert not {k: v for k, v in local.items() if v}
+
+
+ROOT = PACKAGE.parent
+
+
+def engine_assignments(source: str) -> list[str]:
+    """`engine.x = ...` (or `+=`, or setattr) on anything whose name ends in "engine"."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+            targets = [ast.Attribute(value=node.args[0], attr="?")]
+        for t in targets:
+            for a in ast.walk(t):
+                if isinstance(a, ast.Attribute) and ast.unparse(a.value).lower().endswith("engine"):
+                    found.append(ast.unparse(a))
+    return found
+
+
+def test_nothing_outside_the_engine_assigns_its_attributes():
+    """Engine settings are constructor arguments; its state changes through its methods only."""
+    assert engine_assignments("engine.timed = True\ns.engine.tree += 1\nsetattr(engine, 'x', 1)") == \
+        ["engine.timed", "s.engine.tree", "engine.?"]  # the check sees what it looks for
+    files = [p for p in ROOT.rglob("*.py") if p != PACKAGE / "engine.py" and ".git" not in p.parts]
+    found = {str(p.relative_to(ROOT)): f for p in files if (f := engine_assignments(p.read_text()))}
+    assert not found
+
+
+def test_importing_minitree_changes_no_torch_setting():
+    """Dynamo's and Inductor's process-wide settings change only when a runner compiles."""
+    import subprocess
+    import sys
+    code = ("import torch; before = (torch._dynamo.config.cache_size_limit, torch._inductor.config.size_asserts, "
+            "torch._inductor.config.cpp.simdlen); import minitree; "
+            "assert before == (torch._dynamo.config.cache_size_limit, torch._inductor.config.size_asserts, "
+            "torch._inductor.config.cpp.simdlen)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -119,15 +119,15 @@ def test_dynamic_tree_verifies_the_most_confident_nodes(pair, spec):
     target, draft = pair
     engine = minitree.Engine(target, draft, spec, compile=False, attention="sdpa", max_seq_len=256)
     engine.prefill(PROMPT[:50])
-    captured = {}
-    real_select = engine.tree.select
+    captured, spec = {}, minitree.parse_tree(spec)
+    real_select = spec.select
 
     def select(tokens, conf, parent, row):
         captured["conf"] = conf.clone()
         return real_select(tokens, conf, parent, row)
 
-    engine.tree.select = select
-    tree, _, _ = draft_tree(engine.draft, engine.tree, engine.seq.tokens, engine.seq.n, minitree.Sampling(), False,
+    spec.select = select
+    tree, _, _ = draft_tree(engine.draft, spec, engine.seq.tokens, engine.seq.n, minitree.Sampling(), False,
                             None)
     drafted = captured["conf"][1:]
     assert torch.equal(tree.conf[1:].sort(descending=True).values, drafted.sort(descending=True).values[:tree.conf.numel() - 1])

@@ -60,19 +60,15 @@ def step_costs(systems: list, prefix: int = 256, warmup: int = 3, repeats: int =
     costs = {}
     for s in systems:
         engine, vocab = s.engine, s.engine.target.args.vocab_size
-        cutoff, engine.draft_cutoff = engine.draft_cutoff, 0.0
-        graphs, timed = engine.graphs, engine.timed
-        engine.graphs, engine.timed = None, True
-        with torch.inference_mode():
+        with torch.inference_mode(), engine.every_level_timed():
             engine.prefill(torch.randint(0, vocab, (prefix,)).tolist())
             _steps(engine, s.sampling, prefix, warmup)
             totals = _steps(engine, s.sampling, prefix, repeats)
             c = {k: totals[k] / repeats for k in ("draft", "verify", "accept", "compact")}
-            if graphs is not None:
-                engine.graphs, engine.timed = graphs, timed
+        if engine.graphs is not None:
+            with torch.inference_mode(), engine.every_level_timed(graphs=True):
                 _steps(engine, s.sampling, prefix, warmup)  # captures
                 c["graph_step"] = _steps(engine, s.sampling, prefix, repeats)["step"] / repeats
-        engine.graphs, engine.timed, engine.draft_cutoff = graphs, timed, cutoff
         c["draft_level"] = c["draft"] / engine.tree.max_depth if engine.tree.max_depth else 0.0
         costs[s.name] = c
     return costs
