@@ -142,11 +142,11 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     encoded = {ps: [minitree.encode(tok, t, chat) for t in texts[ps]] for ps in prompt_sets}
     with Progress(transient=True, disable=rank > 0) as progress:
         task = progress.add_task("warm-up (compiling every shape)", total=len(chosen))
-        warm = {}
+        warm_up_s = {}
         for s in chosen:
             t = time.perf_counter()
             s.warm_up(encoded[prompt_sets[0]][0][:64])
-            warm[s.name] = time.perf_counter() - t
+            warm_up_s[s.name] = time.perf_counter() - t
             progress.advance(task)
         runs = {ps: {s.name: [] for s in chosen} for ps in prompt_sets}
         total = sum(len(v) for v in encoded.values()) * len(chosen)
@@ -171,7 +171,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                 temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
                 prompts_file=str(prompts_file or ""), chat=chat, target=str(target_path),
                 draft_lossy=draft_lossy, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff, plan=plan,
-                draft=str(draft_path), warmup_s=warm, dequantize=dequantize,
+                draft=str(draft_path), warmup_s=warm_up_s, dequantize=dequantize,
                 plans={name: dict(shapes=r.plan.describe(), costs_s=r.plan.costs, memory=r.memory())
                        for name, r in (("target", runners[None]), ("draft", draft_runner))})
     label = lambda p: f"{Path(p).parent.name} (GGUF)" if Path(p).name == GGUF_NAME else Path(p).name  # noqa: E731

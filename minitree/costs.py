@@ -44,7 +44,7 @@ from .forms import INT4_GROUP, FormLinear, q4_runs, quant_kinds
 from .kernels import kernels, source_version
 from .machine import describe, machine, onednn, packs
 
-ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
+PROBED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
 GROWS_PROBE_ROWS = 16  # gemv (oneDNN off) grows ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
 PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)
@@ -84,7 +84,7 @@ def probe_key(model, lossy: bool = False) -> str:
                      threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
                      shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
                             model.lm_head.out_features],
-                     quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=ROWS,
+                     quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=PROBED_ROWS,
                      fp32_packed=packs(torch.float32))
     if "q4" in signature["settings"]:  # its kernel is minitree's own: measured again when it changes
         signature["kernels"] = source_version()
@@ -98,7 +98,7 @@ def _run_all(mods, xs: dict) -> None:
 
 @torch.inference_mode()
 def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
-    """Seconds of one forward's linear layers at each of ROWS, per kernel setting (inf where not
+    """Seconds of one forward's linear layers at each of PROBED_ROWS, per kernel setting (inf where not
     timed), for a runner's model (its layers are FormLinear)."""
     w = model.model.embed_tokens.weight
     sub = list(model.model.layers)[:layers]
@@ -122,14 +122,14 @@ def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[st
 
     def alone(m: FormLinear, setting: str) -> FormLinear:  # the layer in `setting`'s form, for as long as it is timed
         copy = FormLinear(m.source)
-        copy.serve({setting: frozenset(ROWS)})
+        copy.serve({setting: frozenset(PROBED_ROWS)})
         return copy
 
     costs = {}
     for setting in settings(model, lossy):
         run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
         row = []
-        for r in ROWS:
+        for r in PROBED_ROWS:
             if setting == "gemv" and r > GROWS_PROBE_ROWS:
                 row.append(math.inf)
                 continue
@@ -158,7 +158,7 @@ def cached_probe(model, name: str = "model", lossy: bool = False) -> dict[str, l
           file=sys.stderr, flush=True)
     t = time.perf_counter()
     costs = probe(model, lossy)
-    cache[key] = dict(costs=costs, rows=ROWS, machine=describe(), torch=torch.__version__,
+    cache[key] = dict(costs=costs, rows=PROBED_ROWS, machine=describe(), torch=torch.__version__,
                       threads=torch.get_num_threads(), name=name, seconds=time.perf_counter() - t,
                       date=time.strftime("%Y-%m-%d %H:%M"))
     try:
@@ -173,12 +173,12 @@ def cached_probe(model, name: str = "model", lossy: bool = False) -> dict[str, l
 
 # ----------------------------------------------------------------------------------------
 def _interp(values: list[float], n: float) -> float:
-    """values at ROWS -> value at n (linear between probed row counts, proportional beyond)."""
-    if n >= ROWS[-1]:
-        return values[-1] * n / ROWS[-1]
-    for i in range(1, len(ROWS)):
-        if n <= ROWS[i]:
-            lo, hi = ROWS[i - 1], ROWS[i]
+    """values at PROBED_ROWS -> value at n (linear between probed row counts, proportional beyond)."""
+    if n >= PROBED_ROWS[-1]:
+        return values[-1] * n / PROBED_ROWS[-1]
+    for i in range(1, len(PROBED_ROWS)):
+        if n <= PROBED_ROWS[i]:
+            lo, hi = PROBED_ROWS[i - 1], PROBED_ROWS[i]
             if n <= lo:
                 return values[i - 1]
             return values[i - 1] + (values[i] - values[i - 1]) * (n - lo) / (hi - lo)
@@ -189,7 +189,7 @@ def _interp(values: list[float], n: float) -> float:
 class Plan:
     """How a model runs a forward of n queries on this machine.
 
-    costs     setting -> seconds at ROWS (empty: unmeasured; then forwards run as they come, in the
+    costs     setting -> seconds at PROBED_ROWS (empty: unmeasured; then forwards run as they come, in the
               weights' own form)
     min_rows  forwards are padded to at least this many rows (the "exact" plan: 4)
     """
@@ -229,7 +229,7 @@ class Plan:
         if not self.costs:
             return max(n, self.min_rows)
         cost = lambda m: _interp(self.costs[self.setting(m)], m) * (1 if m == n else 1 / PAD_GAIN)
-        return min([n] + [r for r in ROWS if n < r <= max(2 * n, 4)], key=cost)
+        return min([n] + [r for r in PROBED_ROWS if n < r <= max(2 * n, 4)], key=cost)
 
     def kernels(self, rows: int):
         """Context for a forward of `rows` rows: oneDNN off where the matrix-vector kernels win."""
@@ -251,7 +251,7 @@ class Plan:
         """Serve each row count of a runner's model in the form of its setting (forms.FormLinear;
         copies are made the first time some row count needs them)."""
         rows = {}
-        for r in range(1, ROWS[-1] + 1):
+        for r in range(1, PROBED_ROWS[-1] + 1):
             rows.setdefault(self.setting(r), set()).add(r)
         for m in form_layers(model):
             m.serve({s: frozenset(rs) for s, rs in rows.items()})

@@ -40,7 +40,8 @@ def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling
     bits = torch.ones(spec.n_rows, dtype=torch.long, device=dev)  # ancestor bits of the draft's rows
     q = None
     window = torch.stack([(L - 2).clamp(min=0), base])  # slots (= positions) of the catch-up window
-    logits = run(seq[window], window, window, torch.zeros_like(window), base, bits)[1:]
+    logits = run(seq[window], positions=window, slots=window, q_node=torch.zeros_like(window), base=base,
+                 anc_bits=bits)[1:]
     frontier = torch.zeros(1, dtype=torch.long, device=dev)
     stopped = torch.zeros((), dtype=torch.bool, device=dev)
     levels = 0
@@ -54,7 +55,8 @@ def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling
                 break
             row[frontier] = rows
             bits[rows] = bits[row[parent[frontier]]] | (1 << rows)
-            logits = run(tokens[frontier].clamp(min=0), base + spec.cand_depth[frontier], base + rows, rows, base, bits)
+            logits = run(tokens[frontier].clamp(min=0), positions=base + spec.cand_depth[frontier], slots=base + rows,
+                         q_node=rows, base=base, anc_bits=bits)
         levels += 1
         p = logits.softmax(-1) if sampling.greedy else probs(logits, sampling)
         if not sampling.greedy:

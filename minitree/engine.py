@@ -156,7 +156,7 @@ class Engine:
         t = time.perf_counter()
         first = (self.seq.n - 1).clamp(min=0)
         for runner, rows in shapes:
-            runner.warm(rows, self.seq.tokens, first)
+            runner.compile_rows(rows, self.seq.tokens, first)
         return time.perf_counter() - t
 
     @torch.inference_mode()
@@ -173,7 +173,7 @@ class Engine:
         self.seq.reset([0])
         return self._compile(shapes)
 
-    def _warm(self, spec: TreeSpec) -> bool:
+    def _compiled(self, spec: TreeSpec) -> bool:
         """Whether every forward a step along `spec` may run was compiled by warm_up or _compile."""
         shapes = self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks] if spec.max_depth else [])
         return all(rows in runner.compiled for runner, rows in shapes)
@@ -195,6 +195,24 @@ class Engine:
             yield
         finally:
             self.draft_cutoff, self.graphs, self.timed = saved
+
+    def _choose_tree(self, stats: Stats) -> Config | None:
+        """Tree auto: this step's configuration (rank 0's under tensor parallelism) as self.tree, its
+        shapes compiled (seconds to stats) -> the configuration; other trees: None."""
+        if self.auto is None:
+            return None
+        config = tp.broadcast(self.auto.choose())
+        self.tree = self._spec(config)
+        stats.compile_s += self._compile(self._shapes(self.tree))
+        return config
+
+    def _stance(self):
+        """Once every shape of a step along self.tree is compiled, Dynamo checks only the guards that
+        tell its compiled graphs apart (a tenth of a plain step's time on a 2-core CPU): nothing else
+        changes between steps, and a shape never compiled is never run under this stance."""
+        if self._compiled(self.tree):
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------
     def _state(self) -> list[torch.Tensor]:
@@ -277,20 +295,13 @@ class Engine:
         room = self.max_seq_len - self.max_depth - 1
         t0 = time.perf_counter()
         while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-            if self.auto is not None:
-                config = tp.broadcast(self.auto.choose())  # with tensor parallelism, rank 0 decides
-                self.tree = self._spec(config)
-                stats.compile_s += self._compile(self._shapes(self.tree))
-            # Once every shape of the step is compiled, Dynamo checks only the guards that tell its compiled
-            # graphs apart (a tenth of a plain step's time on a 2-core CPU): nothing else changes between
-            # steps, and a shape never compiled is never run under this stance.
-            warm = self._warm(self.tree)
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
+            config = self._choose_tree(stats)
+            with self._stance():
                 step = self.step(sampling, generator, one_hot_draft)
             n = self.advance(step)
             stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
             stats.record(step, n)
-            if self.auto is not None:
+            if config is not None:
                 stats.configs[config.name] += 1
                 self.auto.observe(config, step, n)
             new = step.tokens[:n].tolist()[: max_new_tokens - len(out)]

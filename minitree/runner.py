@@ -177,18 +177,19 @@ class Runner:
         for c in self.plan.chunks(end - start, self.prefill_chunks):
             slots = torch.arange(start, start + c, device=self.device)
             causal = TreeMask.causal(c, self.device)
-            self(seq[slots] * (slots < end), slots, slots, causal.q_node, causal.base, causal.anc_bits, logits=False)
+            self(seq[slots] * (slots < end), positions=slots, slots=slots, q_node=causal.q_node, base=causal.base,
+                 anc_bits=causal.anc_bits, logits=False)
             start += c
 
-    def warm(self, rows: int, seq: torch.Tensor, first_slot: torch.Tensor) -> bool:
+    def compile_rows(self, rows: int, seq: torch.Tensor, first_slot: torch.Tensor) -> bool:
         """Run a forward of `rows` rows once on scratch slots from `first_slot`, unless one ran
         before, so that compiling lands here -> whether it ran."""
         if rows in self.compiled:
             return False
         self.compiled.add(rows)
         slots = first_slot + torch.arange(rows, device=self.device)
-        self(seq[slots], slots, slots, torch.zeros_like(slots), slots[0], torch.ones(1, dtype=torch.long,
-                                                                                     device=self.device))
+        self(seq[slots], positions=slots, slots=slots, q_node=torch.zeros_like(slots), base=slots[0],
+             anc_bits=torch.ones(1, dtype=torch.long, device=self.device))
         return True
 
     def memory(self) -> dict[str, int]:

@@ -14,4 +14,5 @@ from .tree import StepTree
 def verify(run, tree: StepTree, base: torch.Tensor) -> torch.Tensor:
     """-> target logits [n, V] at every node. `run` is the target's runner (runner.py)."""
     nodes = torch.arange(tree.tokens.numel(), device=tree.tokens.device)
-    return run(tree.tokens.clamp(min=0), base + tree.depth, base + nodes, nodes, base, tree.anc_bits)
+    return run(tree.tokens.clamp(min=0), positions=base + tree.depth, slots=base + nodes, q_node=nodes, base=base,
+               anc_bits=tree.anc_bits)

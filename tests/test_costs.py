@@ -7,7 +7,7 @@ import torch
 
 import minitree
 import minitree.costs as costs
-from minitree.costs import ROWS, Plan, settings
+from minitree.costs import PROBED_ROWS, Plan, settings
 from minitree.forms import Q4_1, Int4Linear, Int8Linear, int4_linear, int4_weights, q4_runs
 from minitree.kernels import kernels
 from minitree.machine import packs
@@ -17,7 +17,7 @@ PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)
 
 
 def table(fn):
-    return [fn(r) for r in ROWS]
+    return [fn(r) for r in PROBED_ROWS]
 
 
 # Shaped like the two CPU kinds (seconds of a forward's linear layers, per kernel setting):
@@ -100,8 +100,8 @@ def test_probe_is_cached_per_model_and_machine(pair_dirs, tmp_path, monkeypatch)
         assert {r for r, f in head.form_of.items() if f == form} == {r for r in range(1, 129)
                                                                       if head.form(plan.setting(r)) == form}
     target = runner(minitree.load(pair_dirs[0], dtype=torch.bfloat16), Plan()).model  # another model: another key
-    monkeypatch.setattr(costs, "probe", lambda *a, **k: {"native": [1.0] * len(ROWS)})
-    assert costs.cached_probe(target) == {"native": [1.0] * len(ROWS)}
+    monkeypatch.setattr(costs, "probe", lambda *a, **k: {"native": [1.0] * len(PROBED_ROWS)})
+    assert costs.cached_probe(target) == {"native": [1.0] * len(PROBED_ROWS)}
 
 
 @pytest.mark.parametrize("plan", [Plan.exact(), Plan(AVX512), Plan(dict(native=table(lambda r: 1 / r)))],
@@ -159,7 +159,7 @@ def test_q4_products():
 def test_a_q4_draft_is_lossless(pair_dirs):
     """A bf16 draft in the q4 form proposes for an fp32 target: the output is the target's plain decoding."""
     target = minitree.load(pair_dirs[0])
-    q4_plan = Plan(dict(native=[1.0] * len(ROWS), q4=[0.5] * len(ROWS)))
+    q4_plan = Plan(dict(native=[1.0] * len(PROBED_ROWS), q4=[0.5] * len(PROBED_ROWS)))
     draft = runner(minitree.load(pair_dirs[1], dtype=torch.bfloat16), q4_plan, lossy=True)
     down, head = draft.model.model.layers[0].mlp.down_proj, draft.model.lm_head  # 128 -> 64; 64 -> 256
     assert down.form_of == head.form_of == dict.fromkeys(range(1, 129), "q4")

@@ -10,7 +10,7 @@ from gguf.quants import dequantize, quantize
 
 import minitree
 import minitree.accept
-from minitree.costs import ROWS, Plan, probe_key, settings
+from minitree.costs import PROBED_ROWS, Plan, probe_key, settings
 from minitree.gguf import SUPPORTED, GGUFLinear
 from minitree.kernels import kernels
 from reference import causal, plain
@@ -136,8 +136,8 @@ def test_tree_decoding_of_a_quantized_target_is_lossless(quantized_pair, spec):
     reference = plain(target, PROMPT, 48)
     result = minitree.Engine(target, draft, spec, compile=False, max_seq_len=256).generate(PROMPT, 48)
     assert result.tokens == reference and result.stats.tau > 1.2
-    copies = Plan(dict(native=[1.0] * len(ROWS), int8=[0.5 if r < 4 else 2.0 for r in ROWS],
-                       q4=[2.0 if r < 4 else 0.5 for r in ROWS]))
+    copies = Plan(dict(native=[1.0] * len(PROBED_ROWS), int8=[0.5 if r < 4 else 2.0 for r in PROBED_ROWS],
+                       q4=[2.0 if r < 4 else 0.5 for r in PROBED_ROWS]))
     runners = [minitree.Runner(m, compile=False, plan=copies, lossy=m is draft) for m in (target, draft)]
     assert runners[0].model.lm_head.form_of == {}  # the target keeps its own kernel
     assert runners[1].model.lm_head.form_of == dict.fromkeys(range(1, 4), "int8") | dict.fromkeys(range(4, 129), "q4")

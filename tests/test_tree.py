@@ -5,7 +5,7 @@ import torch
 
 import minitree
 from minitree.attention import BLOCK, block_mask, dense_mask
-from minitree.costs import ROWS, Plan
+from minitree.costs import PROBED_ROWS, Plan
 from minitree.draft import draft_tree
 from minitree.forms import FormLinear
 from minitree.tree import MAX_NODES
@@ -267,7 +267,7 @@ def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens, spec):
     (forms.FormLinear: an op of its own inside the compiled layers)."""
     target, draft = pair
     if spec == "2,2,1":
-        packed = Plan(dict(native=[1.0] * len(ROWS), packed=[2.0] + [0.5] * (len(ROWS) - 1)))
+        packed = Plan(dict(native=[1.0] * len(PROBED_ROWS), packed=[2.0] + [0.5] * (len(PROBED_ROWS) - 1)))
         target, draft = (minitree.Runner(m, plan=packed) for m in pair)
         assert target.model.lm_head.form_of == dict.fromkeys(range(2, 129), "packed")
     engine = minitree.Engine(target, draft, spec, max_seq_len=512)
@@ -284,7 +284,7 @@ def test_compiled_tree_decoding_never_recompiles(pair, plain_tokens, spec):
 def test_cheaper_draft_is_still_lossless(pair_dirs, plain_tokens):
     """An int8 draft with a restricted vocabulary proposes differently; the output is unchanged."""
     target = minitree.load(pair_dirs[0])
-    int8_few_rows = Plan(dict(native=[1.0] * len(ROWS), int8=[0.5 if r <= 4 else 2.0 for r in ROWS]))
+    int8_few_rows = Plan(dict(native=[1.0] * len(PROBED_ROWS), int8=[0.5 if r <= 4 else 2.0 for r in PROBED_ROWS]))
     draft = minitree.Runner(minitree.restrict_vocab(minitree.load(pair_dirs[1]), 128), compile=False,
                             attention="sdpa", plan=int8_few_rows, lossy=True)
     head = draft.model.lm_head
