@@ -7,11 +7,10 @@ import torch
 
 import minitree
 from minitree.auto import Auto, Config
-from reference import plain
+from reference import T1, chi_square_pvalue, plain, prompt, sample_transitions, transition_matrix
 from tiny import save_random
-from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
 
-PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+PROMPT = prompt(100, 3)
 
 
 def cycling(monkeypatch, seed=0):

@@ -11,9 +11,9 @@ from minitree.costs import PROBED_ROWS, Plan, settings
 from minitree.forms import Q4_1, Int4Linear, Int8Linear, int4_linear, int4_weights, q4_runs
 from minitree.kernels import kernels
 from minitree.machine import packs
-from reference import causal, plain
+from reference import causal, plain, prompt
 
-PROMPT = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(5)).tolist()
+PROMPT = prompt(60, 5)
 
 
 def table(fn):

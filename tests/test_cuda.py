@@ -8,12 +8,12 @@ import torch
 
 import minitree
 from minitree.auto import Auto
-from reference import plain
+from reference import plain, prompt
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
 
-PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+PROMPT = prompt(100, 3)
 CASES = [("2,2,1", minitree.Sampling()), ("dynamic:depth=4,width=2,k=2,nodes=6", minitree.Sampling()),
          ("2,2,1", minitree.Sampling(temperature=1.0, top_p=0.9))]
 

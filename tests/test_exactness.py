@@ -9,10 +9,10 @@ import minitree
 import minitree.runner
 from minitree.attention import NO_TREE
 from minitree.gguf import GGUFLinear
-from test_gguf import SIZES, blocks_reversed
+from reference import SIZES, prompt
 from tiny import gguf_types, save_random, write_gguf
 
-PROMPT = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+PROMPT = prompt(70, 9)
 # The default pair's types: Q4_K and Q6_K in the target, Q8_0 and Q5_0 in the draft.
 TARGET = {"attn": "Q4_K", "attn_v": "Q6_K", "ffn_up": "Q4_K", "ffn_gate": "Q4_K", "ffn_down": "Q6_K",
           "output.weight": "Q6_K", "token_embd": "Q4_K"}

@@ -13,16 +13,15 @@ import minitree.accept
 from minitree.costs import PROBED_ROWS, Plan, probe_key, settings
 from minitree.gguf import SUPPORTED, GGUFLinear
 from minitree.kernels import kernels
-from reference import causal, plain
-from test_sampling import T1, chi_square_pvalue, sample_transitions, transition_matrix
+from reference import (SIZES, T1, blocks_reversed, causal, chi_square_pvalue, plain, prompt, sample_transitions,
+                       transition_matrix)
 from tiny import gguf_types, quantize_q4_k, quantize_q6_k, save_random, write_gguf
 
 PACK = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
 # Every supported type somewhere in the model, as in the default pair's files (Q4_K_M and the draft's mix).
 MIX = {"attn_q": "Q4_K", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_0",
        "ffn_up": "Q4_1", "ffn_down": "Q6_K", "output.weight": "Q5_1", "token_embd": "Q4_K"}
-SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)  # K-quants: 256s
-PROMPT = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+PROMPT = prompt(70, 9)
 
 
 def packed(w: np.ndarray, kind: str) -> np.ndarray:
@@ -63,15 +62,6 @@ def test_every_path_and_row_count_gives_the_same_bits(kind):
         for path, name in enumerate(PATHS):
             index = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx").index(name)
             assert torch.equal(kernels().int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)
-
-
-def blocks_reversed(x: torch.Tensor, groups: torch.Tensor, kind: str, out: int) -> torch.Tensor:
-    """The integer kernel's products with the blocks of inputs summed in reverse order: the same
-    integers and scales, another float summation order (a planted kernel for negative controls)."""
-    nb = x.shape[-1] // (256 if kind.endswith("_K") else 32)
-    flip = lambda t, n: t.reshape(*t.shape[:-1], nb, n).flip(-2).reshape(t.shape).contiguous()
-    return kernels().int_mm(flip(x, x.shape[-1] // nb), flip(groups, groups.shape[-1] // nb),
-                            int(GGMLQuantizationType[kind]), out)
 
 
 def test_the_bit_identity_check_catches_another_summation_order():

@@ -18,60 +18,8 @@ import minitree
 import minitree.accept
 import minitree.engine
 from minitree.sampling import probs
-from reference import causal
+from reference import JOINT_SAMPLES, T07, T1, V, chi_square_pvalue, sample_transitions, transition_matrix
 from tiny import save_random
-
-V = 32  # the vocabulary of conftest.markov_pair
-# Sample sizes: at these, the negative controls below are rejected far beyond their 1e-6 bar (p-values
-# 0 and 1e-91 at SAMPLES, 1e-121 at JOINT_SAMPLES; 2026-12-03), so the tests keep power to spare.
-SAMPLES = 10_000
-JOINT_SAMPLES = 3_000  # a whole generate call each (the slowest test)
-RUN = 1000  # tokens per generate() call (keeps the dense masks small)
-T1 = minitree.Sampling(temperature=1.0)
-T07 = minitree.Sampling(temperature=0.7, top_p=0.9)
-
-
-def transition_matrix(model, sampling):
-    logits = causal(model)(torch.arange(V))  # no layers: no attention, each row depends on its token only
-    return probs(logits, sampling).double()  # [V, V]: p(b | a)
-
-
-def sample_transitions(target, draft, tree, sampling, one_hot=False, n=SAMPLES, cutoff=0.0, levels=None):
-    engine = minitree.Engine(target, draft, tree, compile=False, attention="sdpa", max_seq_len=RUN + 16,
-                             draft_cutoff=cutoff)
-    counts, taus, seed = torch.zeros(V, V, dtype=torch.float64), [], 0
-    while counts.sum() < n:
-        prompt = [seed % V]
-        result = engine.generate(prompt, RUN, sampling, seed=seed, one_hot_draft=one_hot, eos_token_ids=[])
-        seq = torch.tensor(prompt + result.tokens)
-        counts.index_put_((seq[:-1], seq[1:]), torch.ones(len(seq) - 1, dtype=torch.float64), accumulate=True)
-        taus.append(result.stats.tau)
-        if levels is not None:
-            levels.append(result.stats.draft_forwards / result.stats.target_forwards)
-        seed += 1
-    return counts, sum(taus) / len(taus)
-
-
-def chi_square_pvalue(counts, p):
-    """Pearson chi-square of transition counts against p(b | a); impossible transitions must not occur.
-    In each row, the least likely next tokens are pooled into one bin until every bin expects at least
-    5 draws (the test's approximation needs that: a token expected 0.002 times and seen once would
-    alone reject at 1e-40)."""
-    assert counts[p == 0].sum() == 0, "sampled a token the target gives probability 0"
-    expected = counts.sum(1, keepdim=True) * p
-    stat, df = 0.0, 0
-    for a in torch.nonzero(counts.sum(1) > 0).flatten().tolist():
-        order = torch.argsort(expected[a])
-        order = order[p[a][order] > 0]
-        e, o = expected[a][order], counts[a][order]
-        pooled = int(torch.searchsorted(torch.cumsum(e, 0), 5.0)) + 1  # the smallest cells, until they expect 5
-        pooled = max(pooled, int((e < 5).sum()))
-        bins_e = torch.cat([e[:pooled].sum().view(1), e[pooled:]])
-        bins_o = torch.cat([o[:pooled].sum().view(1), o[pooled:]])
-        stat += float(((bins_o - bins_e) ** 2 / bins_e).sum())
-        df += len(bins_e) - 1
-    return float(chi2.sf(stat, max(df, 1)))
-
 
 DYNAMIC = "dynamic:depth=3,width=2,k=2,nodes=5"  # top-k children, so the one-hot rule
 CASES = [(tree, s, False) for tree in ("2,2,1", "3,1", "1,1,1") for s in (T1, T07)] + [("2,2,1", T07, True),

@@ -10,7 +10,7 @@ from minitree.draft import draft_tree
 from minitree.forms import FormLinear
 from minitree.tree import MAX_NODES
 from minitree.verify import verify
-from reference import plain
+from reference import plain, prompt
 
 PATH_LIST = "[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0)]"
 DYNAMIC = ["dynamic", "dynamic:depth=3,width=4,k=3,nodes=12", "dynamic:depth=5,width=1,k=2,nodes=6"]
@@ -186,7 +186,7 @@ def test_tree_attention_equals_per_path_attention(pair, attention, base):
 # ----------------------------------------------------------------------------------------
 # Lossless greedy decoding
 
-PROMPT = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+PROMPT = prompt(100, 3)
 
 
 @pytest.fixture(scope="module")
