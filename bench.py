@@ -96,7 +96,12 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     rank, world = minitree.tp.init()  # under torchrun: minitree's target is sharded over the processes
     if world > 1 and (others := [n for n in names if n in HF_SYSTEMS or LLAMA_CPP.match(n)]):
         raise minitree.EngineError(f"under torchrun only minitree systems run; drop {', '.join(others)}")
-    prompt_sets = [prompts_file.stem] if prompts_file else sets.split(",")
+    prompt_sets = [prompts_file.stem] if prompts_file else [ps.partition(":")[0] for ps in sets.split(",")]
+    new_tokens = {ps: max_new_tokens for ps in prompt_sets}  # a set's own count: "edit:256"
+    for ps, colon, n in (x.partition(":") for x in ([] if prompts_file else sets.split(","))):
+        if colon and not n.isdigit():
+            raise minitree.EngineError(f"--sets: '{ps}:{n}': the new tokens after ':' must be a number")
+        new_tokens[ps] = int(n) if colon else max_new_tokens
     args = argparse.Namespace(max_seq_len=max_seq_len, temperature=temperature, seed=seed, draft_cutoff=draft_cutoff,
                               threads=threads)
     runner_args = dict(compile=not no_compile, plan=plan)
@@ -156,7 +161,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                 for s in chosen:  # interleaved: every system on this prompt before the next prompt
                     with PeakRSS() as mem:
                         t = time.perf_counter()
-                        tokens, stats = s(ids, max_new_tokens)
+                        tokens, stats = s(ids, new_tokens[ps])
                         wall = time.perf_counter() - t - stats.get("compile_s", 0.0)  # auto: first use of a shape
                         wall = stats.get("wall_s", wall)  # llama.cpp: its own timings, model loading excluded
                     runs[ps][s.name].append(dict(tokens=tokens, new_tokens=len(tokens), wall_s=wall, stats=stats,
@@ -168,7 +173,7 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
                 machine=machine(), torch=torch.__version__, threads=torch.get_num_threads(), world_size=world,
                 dtype=dtype,
-                temperature=temperature, max_new_tokens=max_new_tokens, prompts_per_set=prompts,
+                temperature=temperature, max_new_tokens=new_tokens, prompts_per_set=prompts,
                 prompts_file=str(prompts_file or ""), chat=chat, target=str(target_path),
                 draft_lossy=draft_lossy, draft_vocab=draft_vocab, draft_cutoff=draft_cutoff, plan=plan,
                 draft=str(draft_path), warmup_s=warm_up_s, dequantize=dequantize,
@@ -176,7 +181,8 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
                        for name, r in (("target", runners[None]), ("draft", draft_runner))})
     label = lambda p: f"{Path(p).parent.name} (GGUF)" if Path(p).name == GGUF_NAME else Path(p).name  # noqa: E731
     header = (f"{label(target_path)} + {label(draft_path)}, {dtype}, {describe_machine()}, {meta['threads']} threads, "
-              f"{len(texts[prompt_sets[0]])} prompts, {max_new_tokens} new tokens, T={temperature}, {meta['date']}, {meta['commit']}")
+              f"{len(texts[prompt_sets[0]])} prompts, {'/'.join(map(str, new_tokens.values()))} new tokens, "
+              f"T={temperature}, {meta['date']}, {meta['commit']}")
     print_table(table, prompt_sets, chosen, header)
     out = out or ROOT / "bench_results" / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,14 +198,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help=f"target (default: {DEFAULT_TARGET})")
     p.add_argument("--draft", help=f"draft (default: {DEFAULT_DRAFT})")
     p.add_argument("--prompts", type=int, default=10, help="first N prompts of each set (default: %(default)s)")
-    p.add_argument("--sets", default="humaneval,mtbench", help="prompt sets (default: %(default)s)")
+    p.add_argument("--sets", default="humaneval,mtbench", help="prompt sets among humaneval, mtbench and edit "
+                   "(HumanEval's solutions to edit), each optionally with its own new tokens: edit:256 "
+                   "(default: %(default)s)")
     p.add_argument("--prompts-file", type=Path,
                    help="your own prompts instead of --sets: JSONL with a \"prompt\" field, or one prompt per line")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--systems", help="';'-separated list of: plain, auto, a tree spec (2,2,1, a path list, "
-                   "dynamic:...; '@C' sets its draft cutoff), hf, hf-assisted; '+int8' or '+int4' after a minitree "
+                   "dynamic:...; ngram:... without the draft; '@C' sets its draft cutoff), hf, hf-assisted, llama.cpp, "
+                   "llama.cpp-spec[:N], llama.cpp-lookup[:N]; '+int8' or '+int4' after a minitree "
                    "system quantizes its target; plain is always added "
                    f"(default: plain;{';'.join(CHAINS + TREES + DYNAMIC)};hf;hf-assisted)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
@@ -228,8 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="minitree runs GGUF weights dequantized to --dtype (known models: their bf16 copy) instead of "
                         "the quantized blocks")
     p.add_argument("--llama-cpp", type=Path, metavar="DIR",
-                   help="a llama.cpp build directory (DIR/bin/llama-completion, llama-speculative-simple): the "
-                        "systems llama.cpp and llama.cpp-spec[:N] run it on the same GGUF files")
+                   help="a llama.cpp build directory (DIR/bin/llama-completion, llama-speculative-simple, "
+                        "llama-lookup): the systems llama.cpp, llama.cpp-spec[:N] and llama.cpp-lookup[:N] run it on "
+                        "the same GGUF files")
     p.add_argument("--out", type=Path, help="JSON output (default: bench_results/bench-<time>.json; PNG beside it)")
     return p.parse_args(argv)
 

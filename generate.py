@@ -93,18 +93,22 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
          quantize: str | None = None, plan: str | None = None, dequantize: bool = False, demo: bool = False) -> int:
     sampling = minitree.Sampling(temperature, top_k, top_p)
     rank, world = minitree.tp.init()  # under torchrun: the target is sharded over the processes
-    if checkpoint is None:
-        checkpoint, draft = DEFAULT_TARGET, draft or DEFAULT_DRAFT
     use_tree = tree.lower() != "none"
-    if use_tree and tree != "auto":
-        minitree.parse_tree(tree)  # a malformed tree is reported before any model is loaded
-    if use_tree and draft is None:
-        raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding)")
+    spec = minitree.parse_tree(tree) if use_tree and tree != "auto" else None  # malformed: reported before loading
+    draft_free = isinstance(spec, minitree.NgramTree)
+    if draft_free and draft not in (None, "none"):
+        raise minitree.EngineError("--tree ngram proposes without a draft model: leave --draft out or pass --draft none")
+    if checkpoint is None:
+        checkpoint, draft = DEFAULT_TARGET, draft or (None if draft_free else DEFAULT_DRAFT)
+    draft = None if draft == "none" else draft
+    if use_tree and draft is None and not draft_free:
+        raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding, "
+                                   "--tree ngram for draft-free trees)")
     torch_dtype = getattr(torch, dtype)
     target = load_model(checkpoint, torch_dtype, device, tensor_parallel=True, dequantize=dequantize)
     if quantize:
         minitree.quantize(target, quantize)
-    drafter = load_model(draft, torch_dtype, device, dequantize=dequantize) if use_tree else None
+    drafter = load_model(draft, torch_dtype, device, dequantize=dequantize) if use_tree and draft else None
     if drafter is not None and draft_vocab:
         minitree.restrict_vocab(drafter, draft_vocab)
     tok = target.tokenizer
@@ -173,11 +177,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help=f"target: a known name ({', '.join(MODELS)}), a checkpoint directory, "
                    f"a .gguf file or a hub id (default: {DEFAULT_TARGET} with draft {DEFAULT_DRAFT})")
-    p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer")
+    p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer; "
+                   "'none': no draft model (with --tree ngram or none)")
     p.add_argument("--tree", default="auto", help="'auto': chosen online for this machine and text among plain "
                    "decoding and dynamic trees; branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
                    "a JSON file of paths; a per-step tree grown from the draft's confidence "
-                   f"({minitree.tree.DYNAMIC_SYNTAX}); or 'none' for plain decoding (default: %(default)s)")
+                   f"({minitree.tree.DYNAMIC_SYNTAX}); draft-free trees of continuations found earlier in the "
+                   f"text, no draft model ({minitree.tree.NGRAM_SYNTAX}); or 'none' for plain decoding "
+                   "(default: %(default)s)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

@@ -11,9 +11,9 @@ from .model import Transformer
 from .runner import Runner
 from .sampling import Sampling
 from .stats import Result, Stats, Step
-from .tree import DynamicTree, StepTree, Tree, TreeSpec, parse_tree
+from .tree import DynamicTree, NgramTree, StepTree, Tree, TreeSpec, parse_tree
 
-__all__ = ["cli", "tp", "load", "Engine", "Runner", "Tree", "DynamicTree", "TreeSpec", "StepTree", "parse_tree",
+__all__ = ["cli", "tp", "load", "Engine", "Runner", "Tree", "DynamicTree", "NgramTree", "TreeSpec", "StepTree", "parse_tree",
            "Sampling", "Transformer", "ModelArgs", "from_hf_config", "Result", "Stats", "Step", "encode", "quantize",
            "restrict_vocab", "MinitreeError", "ConfigError", "EngineError", "FetchError", "LoadError", "SamplingError",
            "TreeError"]

@@ -26,7 +26,7 @@ from .model import Transformer
 from .runner import Runner
 from .sampling import Sampling, probs
 from .stats import Clock, Result, Stats, Step
-from .tree import Tree, TreeSpec, parse_tree
+from .tree import NgramTree, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 
@@ -36,6 +36,7 @@ class Committed:
     tokens        [S]  committed token ids (device)
     n             []   how many (device): steps advance it without a host read
     length        int  the same count on the host, updated after each step's one read
+    history       list the same tokens on the host (n-gram trees look them up)
     draft_cached  int  the draft has cached every committed slot below this one
     pending       bool a step moved n and its count is not read yet: no other step may start
     """
@@ -44,6 +45,7 @@ class Committed:
         self.tokens = torch.zeros(size, dtype=torch.long, device=device)
         self.n = torch.zeros((), dtype=torch.long, device=device)
         self.length = self.draft_cached = 0
+        self.history: list[int] = []
         self.pending = False
 
     def stepping(self) -> None:
@@ -57,11 +59,13 @@ class Committed:
         self.tokens[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.tokens.device)
         self.n.fill_(len(prompt))
         self.length, self.draft_cached, self.pending = len(prompt), 0, False
+        self.history = list(prompt)
 
-    def advanced(self, count: int, drafted: bool) -> None:
-        """A step committed `count` tokens (already written on the device); the draft, if it drafted,
+    def advanced(self, tokens: list[int], drafted: bool) -> None:
+        """A step committed `tokens` (already written on the device); the draft, if it drafted,
         cached every committed slot but the last two."""
-        self.length, self.pending = self.length + count, False
+        self.history += tokens
+        self.length, self.pending = self.length + len(tokens), False
         if drafted:
             self.draft_cached = self.length - 2
 
@@ -69,6 +73,7 @@ class Committed:
         """Forget the committed tokens after the first `length`."""
         self.n.fill_(length)
         self.length, self.draft_cached, self.pending = length, min(self.draft_cached, length - 2), False
+        del self.history[length:]
 
 
 class Engine:
@@ -100,9 +105,14 @@ class Engine:
                               f"({target.args.vocab_size} tokens); they must share a tokenizer")
         if not 0 <= draft_cutoff < 1:
             raise EngineError(f"draft_cutoff must be in [0, 1), got {draft_cutoff}")
+        spec = None if tree is None or tree == "auto" else parse_tree(tree)
+        if isinstance(spec, NgramTree) and draft is not None:
+            raise EngineError("an n-gram tree proposes without a draft model: pass draft=None (trees that mix "
+                              "draft and n-gram branches are not built yet)")
         draft = draft if tree is not None else None
         auto = draft is not None and tree == "auto"
-        specs = [c.spec() for c in family()] if auto else [parse_tree(tree) if draft is not None else Tree([])]
+        specs = [c.spec() for c in family()] if auto else \
+            [spec if spec is not None and (draft is not None or not spec.drafts) else Tree([])]
 
         def runner(model, name: str, lossy: bool) -> Runner:
             if isinstance(model, Runner):
@@ -119,7 +129,7 @@ class Engine:
         self.max_depth = max(s.max_depth for s in specs)
         runners = [r for r in (self.target, self.draft) if r is not None]
         pad = max(*(c for r in runners for c in r.prefill_chunks), *(s.n for s in specs),
-                  *(s.n_rows for s in specs)) + 1
+                  *(s.n_rows for s in specs), *(s.max_depth + 1 for s in specs)) + 1
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         for r in runners:
             r.reserve(cache_len)
@@ -148,7 +158,9 @@ class Engine:
 
     def _shapes(self, spec: TreeSpec) -> list[tuple[Runner, int]]:
         """(runner, rows) of every forward a step along `spec` runs: verify; the draft's window and levels."""
-        return [(self.target, spec.n)] + ([(self.draft, r) for r in (2, *spec.widths[1:])] if spec.max_depth else [])
+        if isinstance(spec, NgramTree):
+            return [(self.target, rows) for rows in spec.sizes]
+        return [(self.target, spec.n)] + ([(self.draft, r) for r in (2, *spec.widths[1:])] if spec.drafts else [])
 
     def _compile(self, shapes: list[tuple[Runner, int]]) -> float:
         """Run, once, a forward of each (runner, rows) shape on scratch slots past the committed
@@ -175,7 +187,7 @@ class Engine:
 
     def _compiled(self, spec: TreeSpec) -> bool:
         """Whether every forward a step along `spec` may run was compiled by warm_up or _compile."""
-        shapes = self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks] if spec.max_depth else [])
+        shapes = self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks] if spec.drafts else [])
         return all(rows in runner.compiled for runner, rows in shapes)
 
     def _spec(self, config: Config) -> TreeSpec:
@@ -225,10 +237,10 @@ class Engine:
         clock = Clock(self.timed, self.timed and self.device.type == "cuda")
         seq = self.seq
         seq.stepping()
-        if self.tree.max_depth and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
+        if self.tree.drafts and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
             self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
             clock.lap("catch_up")
-        if self.graphs is None:
+        if self.graphs is None or isinstance(self.tree, NgramTree):  # proposals made on the host: not capturable
             return Step(*self._step(sampling, generator, one_hot_draft, clock), clock.times)
         key = (self.tree.name, sampling, one_hot_draft, generator is not None)
         return Step(*self.graphs(key, lambda: self._step(sampling, generator, one_hot_draft, clock)), {})
@@ -236,9 +248,12 @@ class Engine:
     def _step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool, clock: Clock):
         """draft -> verify -> accept -> compact: (committed tokens, count, path, tree, levels)."""
         seq, base = self.seq, self.seq.n - 1
-        if self.tree.max_depth:
+        if self.tree.drafts:
             tree, q, levels = draft_tree(self.draft, self.tree, seq.tokens, seq.n, sampling, one_hot_draft,
                                          generator, self.draft_cutoff, self.masked_stop)
+        elif self.tree.max_depth:  # draft-free: continuations found in the committed text (tree.py)
+            tree, levels = self.tree.propose(seq.history), 0
+            q = tree.conf.new_zeros(1, 1)  # read by nothing: proposals take the one-hot rule
         else:  # plain decoding: the root alone
             tree, q, levels = self.tree.step._replace(tokens=seq.tokens[base.view(1)]), None, 0
         clock.lap("draft")
@@ -262,9 +277,10 @@ class Engine:
         return out, n_acc + 1, path, tree, levels
 
     def advance(self, step: Step) -> int:
-        """Read how many tokens `step` committed (the one host read per step) and note it -> count."""
-        n = int(step.count)
-        self.seq.advanced(n, drafted=step.levels > 0)
+        """Read which tokens `step` committed (the one host read per step) and note them -> their count."""
+        count_and_tokens = torch.cat([step.count.view(1), step.tokens]).tolist()
+        n = count_and_tokens[0]
+        self.seq.advanced(count_and_tokens[1:1 + n], drafted=step.levels > 0)
         return n
 
     # ------------------------------------------------------------------------------------

@@ -124,6 +124,11 @@ class TreeSpec:
     def max_depth(self) -> int:
         return len(self.widths)
 
+    @property
+    def drafts(self) -> bool:
+        """Whether a step along this spec runs the draft (the empty tree: plain decoding)."""
+        return self.max_depth > 0
+
     def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
         """Candidate ids [widths[d]] that draft level d expands (d >= 1), given all confidences."""
         raise NotImplementedError
@@ -343,10 +348,122 @@ class DynamicTree(TreeSpec):
                               conf[cand], row[cand], self.max_depth, self.k, conf)
 
 
-def parse_tree(spec: "str | Path | list | TreeSpec") -> TreeSpec:
-    """A static Tree ("2,2,1", a path list, a JSON file) or a DynamicTree ("dynamic:...")."""
-    if isinstance(spec, TreeSpec):
+# ----------------------------------------------------------------------------------------
+# Draft-free trees: what followed the committed text's last tokens where they occurred before.
+# Edits, renames and answers about a pasted file repeat what is already in front of the model.
+# An NgramTree finds the longest suffix of the committed tokens (at most `match` tokens) that
+# occurred earlier in them (prompt and output) and proposes what followed its most recent
+# occurrences: `branches` distinct continuations, merged where they share a prefix (a trie), at
+# most `nodes` nodes and `depth` levels. The target verifies it like any step tree and accept.py
+# takes the longest agreed path, so the output is the target's own; proposals are deterministic,
+# so sampling takes the one-hot rule. No model runs: the lookup scans the committed tokens on
+# the host (engine.Committed.history).
+NGRAM_DEFAULTS = dict(depth=8, nodes=12, branches=3, match=4, min=2)
+NGRAM_SYNTAX = "ngram or ngram:depth=8,nodes=12,branches=3,match=4,min=2 (any subset of the keys)"
+
+
+class NgramTree:
+    """Per-step trees of continuations found in the committed text (above). Like a TreeSpec it
+    has a name, n (the most nodes verified, root included) and max_depth; it drafts nothing. A
+    step verifies the smallest of `sizes` rows that holds its proposals: one row (plain decoding)
+    when the last `min` tokens occurred nowhere before."""
+
+    drafts = False  # no draft model runs
+    topk_children = True  # deterministic proposals: sampling takes the one-hot rule
+    widths: list[int] = []
+    n_rows = 0  # draft cache rows
+
+    def __init__(self, depth: int = 8, nodes: int = 12, branches: int = 3, match: int = 4, min_match: int = 2):
+        if not 1 <= min_match <= match or min(depth, nodes, branches) < 1 or nodes + 1 > MAX_NODES:
+            raise TreeError(f"ngram tree: depth, nodes and branches must be >= 1, 1 <= min <= match, "
+                            f"nodes < {MAX_NODES}")
+        self.max_depth, self.n, self.branches, self.match, self.min_match = depth, nodes + 1, branches, match, min_match
+        self.sizes = sorted({1, min(5, self.n), self.n})  # rows a step may verify (compiled shapes)
+        self.name = f"ngram:depth={depth},nodes={nodes},branches={branches},match={match},min={min_match}"
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def parse(cls, spec: str) -> "NgramTree":
+        head, _, body = spec.strip().partition(":")
+        if head != "ngram":
+            raise TreeError(f"tree '{spec}' is not an n-gram tree spec; write {NGRAM_SYNTAX}")
+        params = dict(NGRAM_DEFAULTS)
+        for item in filter(None, (s.strip() for s in body.split(","))):
+            key, eq, value = item.partition("=")
+            if key not in params or not eq or not re.fullmatch(r"\d+", value.strip()):
+                raise TreeError(f"tree '{spec}': cannot read '{item}'; write {NGRAM_SYNTAX}")
+            params[key] = int(value)
+        params["min_match"] = params.pop("min")
+        return cls(**params)
+
+    def to(self, device) -> "NgramTree":
+        t = object.__new__(type(self))
+        t.__dict__.update(self.__dict__, device=torch.device(device))
+        return t
+
+    def continuations(self, tokens: list[int], scan: int = 64) -> list[list[int]]:
+        """Up to `branches` continuations (most recent occurrence first, none a prefix of another:
+        a longer one replaces it) of the longest suffix of `tokens`, `min` to `match` long, that
+        occurred earlier in them; the `scan` most recent occurrences are read."""
+        n = len(tokens)
+        ends = [j for j in range(n - 2, -1, -1) if tokens[j] == tokens[-1]]  # earlier ends of a 1-token match
+        for m in range(min(self.match, n - 1), self.min_match - 1, -1):
+            suffix, found = tokens[n - m:], []
+            for j in [j for j in ends if j + 1 >= m and tokens[j + 1 - m:j + 1] == suffix][:scan]:
+                cont = tokens[j + 1:j + 1 + self.max_depth]
+                if any(f[:len(cont)] == cont for f in found):
+                    continue
+                found = [f for f in found if cont[:len(f)] != f]  # those it extends
+                if len(found) < self.branches:
+                    found.append(cont)
+            if found:
+                return found
+        return []
+
+    def propose(self, tokens: list[int]) -> StepTree:
+        """This step's tree: the root is the last committed token, the continuations its branches
+        (a trie, at most n nodes), padded with UNDRAFTED nodes (never accepted) to a size."""
+        node_tokens, parents, depth, counts = [tokens[-1]], [0], [0], [0]
+        child: dict[tuple[int, int], int] = {}
+        conts = self.continuations(tokens)
+        for cont in conts:
+            at = 0
+            for tok in cont:
+                if (at, tok) not in child:
+                    if len(node_tokens) == self.n:
+                        break
+                    child[at, tok] = len(node_tokens)
+                    node_tokens.append(tok)
+                    parents.append(at)
+                    depth.append(depth[at] + 1)
+                    counts.append(0)
+                at = child[at, tok]
+                counts[at] += 1
+        real, n = len(node_tokens), next(s for s in self.sizes if s >= len(node_tokens))
+        node_tokens += [UNDRAFTED] * (n - real)
+        parents += [0] * (n - real)
+        depth += [1] * (n - real)
+        rank, seen = [0], {}
+        for p in parents[1:]:  # a child's rank among its parent's children, in node order
+            rank.append(seen.get(p, 0))
+            seen[p] = rank[-1] + 1
+        conf = [1.0] + [c / max(len(conts), 1) for c in counts[1:]]
+        t = lambda v, dtype=torch.long: torch.tensor(v, dtype=dtype, device=self.device)
+        return StepTree.build(t(node_tokens), t(parents), t(depth), t(rank), t(conf, torch.float32),
+                              torch.zeros(n, dtype=torch.long, device=self.device), self.max_depth, max(n - 1, 1))
+
+    def __repr__(self) -> str:
+        return f"NgramTree({self.name})"
+
+
+# ----------------------------------------------------------------------------------------
+def parse_tree(spec: "str | Path | list | TreeSpec | NgramTree") -> "TreeSpec | NgramTree":
+    """A static Tree ("2,2,1", a path list, a JSON file), a DynamicTree ("dynamic:...") or an
+    NgramTree ("ngram:...")."""
+    if isinstance(spec, (TreeSpec, NgramTree)):
         return spec
+    if isinstance(spec, str) and spec.strip().startswith("ngram"):
+        return NgramTree.parse(spec)
     if isinstance(spec, str) and spec.strip().startswith("dynamic"):
         return DynamicTree.parse(spec)
     return Tree.parse(spec)

@@ -17,8 +17,8 @@ BANDWIDTH_GBS="${BANDWIDTH_GBS:-4800}"  # H200: 4.8 TB/s
 DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu with TARGET/DRAFT set to tiny checkpoints: a dry run of the script itself
 TARGET="${TARGET:-scripts/configs/qwen2.5-coder-1.5b-instruct}"
 DRAFT="${DRAFT:-scripts/configs/qwen2.5-coder-0.5b-instruct}"
-PROFILE="${PROFILE:-docs/bench-avx512-gguf.json}"  # tau and draft levels per step, measured on a CPU
-SYSTEMS="plain;1,1,1,1,1@0.3;1,1,1,1,1,1,1,1@0.3;dynamic@0.3;dynamic:depth=8,width=2,k=4,nodes=15@0.3"
+PROFILE="${PROFILE:-docs/bench-amx-int.json}"  # tau and draft levels per step, measured on a CPU
+SYSTEMS="plain;1,1,1,1,1@0.3;1,1,1,1,1,1,1,1@0.5;dynamic@0.3;dynamic:depth=8,width=2,k=4,nodes=15@0.3"
 {
 python -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -15

@@ -1,7 +1,12 @@
 """What the tests share: the references exactness tests compare with (plain decoding, a plain
-causal forward), their prompts, and the distribution test of lossless sampling (test_sampling.py)."""
+causal forward), their prompts, generate.py as a user runs it, and the distribution test of
+lossless sampling (test_sampling.py)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from scipy.stats import chi2
@@ -12,6 +17,19 @@ from gguf import GGMLQuantizationType
 from minitree.attention import TreeMask
 from minitree.kernels import kernels
 from minitree.sampling import probs
+
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--no-compile", "--dtype", "float32", "--no-chat", "--max-seq-len", "256"]  # generate.py on tiny models
+
+
+def generate(*args, check=True) -> subprocess.CompletedProcess:
+    """generate.py as a user runs it; with `check`, it must succeed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def prompt(n: int, seed: int) -> list[int]:

@@ -1,29 +1,14 @@
 """generate.py end to end, as a user runs it (subprocess)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import minitree
-from reference import plain
+from reference import FAST, generate, plain
 from tiny import save_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def generate(*args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
 PROMPT = "def fib(n): return n"
-FAST = ["--no-compile", "--dtype", "float32", "--no-chat", "--max-seq-len", "256"]
 
 
 def test_json_tokens_equal_plain_greedy(pair_dirs):

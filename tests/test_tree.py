@@ -87,7 +87,7 @@ def test_dynamic_selection_is_a_well_formed_tree(seed):
     spec = minitree.parse_tree("dynamic:depth=4,width=3,k=3,nodes=14")
     g = torch.Generator().manual_seed(seed)
 
-    def run(tokens, positions, slots, q_node, base, bits):  # a fake draft: peaked, tied or random rows
+    def run(tokens, positions, slots, q_node, base, anc_bits):  # a fake draft: peaked, tied or random rows
         logits = torch.randn(tokens.numel(), 50, generator=g)
         kind = torch.randint(0, 3, (tokens.numel(),), generator=g)
         logits[kind == 0, 7] = 200.0  # probability 1 (in fp32): children tie with their parent

@@ -18,10 +18,10 @@ from ..errors import EngineError, TreeError
 from ..forms import QUANTIZE, quantize
 from ..runner import Runner
 from ..sampling import Sampling
-from ..tree import parse_tree
+from ..tree import NgramTree, parse_tree
 
 HF_SYSTEMS = ("hf", "hf-assisted")
-LLAMA_CPP = re.compile(r"llama\.cpp(-spec(:\d+)?)?$")  # llama.cpp, llama.cpp-spec, llama.cpp-spec:8
+LLAMA_CPP = re.compile(r"llama\.cpp(-(spec|lookup)(:\d+)?)?$")  # llama.cpp, llama.cpp-spec[:8], llama.cpp-lookup[:8]
 
 
 def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
@@ -60,7 +60,8 @@ class MinitreeSystem:
     def __init__(self, name: str, targets: dict, draft: Runner, args):
         tree, cutoff, quant = system_parts(name)  # "2,2,1@0.1+int8": draft cutoff 0.1, int8 target
         self.name = name
-        self.engine = Engine(targets[quant], draft if tree else None, tree, max_seq_len=args.max_seq_len,
+        draft_free = tree not in (None, "auto") and isinstance(parse_tree(tree), NgramTree)
+        self.engine = Engine(targets[quant], draft if tree and not draft_free else None, tree, max_seq_len=args.max_seq_len,
                              draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
         self.sampling, self.seed = Sampling(args.temperature), args.seed
         self.nodes = None if self.engine.auto else self.engine.tree.n - 1  # auto is drawn as a line
@@ -96,15 +97,16 @@ class HFSystem:
 class LlamaCppSystem:
     """llama.cpp on the same GGUF file(s), from a build of it (README, "llama.cpp beside minitree"):
     `llama.cpp` is its plain decoding (llama-completion), `llama.cpp-spec[:N]` its speculative decoding
-    with the draft model, N draft tokens per step (llama-speculative-simple). Greedy, the same threads.
+    with the draft model, N draft tokens per step (llama-speculative-simple), `llama.cpp-lookup[:N]` its
+    draft-free prompt lookup decoding (llama-lookup, N tokens per step). Greedy, the same threads.
     The prompt is the same token ids (its text, special tokens parsed); its output text is tokenized
     back with the target's tokenizer, and an EOS is counted where it stopped early, as minitree counts
     it. Seconds are its own timings of prompt and generation (model loading excluded, as minitree's
     warm-up is)."""
 
     def __init__(self, name: str, build: Path, target_gguf: Path, draft_gguf: Path | None, tokenizer, args):
-        spec = name.startswith("llama.cpp-spec")
-        binary = build / "bin" / ("llama-speculative-simple" if spec else "llama-completion")
+        spec, lookup = name.startswith("llama.cpp-spec"), name.startswith("llama.cpp-lookup")
+        binary = build / "bin" / ("llama-speculative-simple" if spec else "llama-lookup" if lookup else "llama-completion")
         if not binary.exists():
             raise EngineError(f"system {name}: {binary} does not exist (build llama.cpp: README, "
                               f"\"llama.cpp beside minitree\")")
@@ -116,6 +118,8 @@ class LlamaCppSystem:
         if spec:
             self.cmd += ["-md", str(draft_gguf), "--spec-type", "draft-simple", "-td", threads,
                          "--spec-draft-n-max", name.partition(":")[2] or "8"]
+        elif lookup:
+            self.cmd += ["--spec-draft-n-max", name.partition(":")[2] or "8"]
         else:
             self.cmd += ["-no-cnv", "--no-display-prompt"]
         self.eos = set(args.eos_token_ids)
@@ -137,7 +141,7 @@ class LlamaCppSystem:
                     last += " (on a CPU with AMX, build it without its AMX path: README, \"llama.cpp beside minitree\")"
             raise EngineError(f"{self.name} failed: {last}")
         text, log = run.stdout, run.stderr
-        if self.name.startswith("llama.cpp-spec"):  # it echoes the prompt first
+        if self.name.startswith(("llama.cpp-spec", "llama.cpp-lookup")):  # they echo the prompt first
             text = text.lstrip("\n").removeprefix(prompt.rstrip("\n")).removeprefix("\n")
             seconds = [float(x) for x in re.findall(r"(?:en|de)coded\s+\d+ tokens in\s+([\d.]+) seconds", log)]
             wall, first = sum(seconds), seconds[0]

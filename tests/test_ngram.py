@@ -1,0 +1,89 @@
+"""Draft-free trees (--tree ngram): proposals found in the committed text, verified like any tree,
+so greedy output is exactly plain decoding's and sampled output has the target's distribution."""
+
+import json
+
+import pytest
+import torch
+
+import minitree
+import minitree.accept
+from minitree.tree import UNDRAFTED, NgramTree
+from reference import FAST, T1, chi_square_pvalue, generate, plain, prompt, sample_transitions, transition_matrix
+
+
+def test_the_longest_recent_match_gives_the_branches():
+    spec = NgramTree(depth=3, nodes=8, branches=2, match=3, min_match=1)
+    #          0  1  2  3  4  5  6  7  8  9 10 11
+    tokens = [5, 6, 7, 1, 6, 7, 2, 9, 6, 7, 3, 6, 7]
+    # suffix [6, 7] occurred at 1-2, 4-5 and 8-9 (most recent first: then 3, 2); [3, 6, 7] nowhere before
+    assert spec.continuations(tokens) == [[3, 6, 7], [2, 9, 6]]
+    assert spec.continuations([1, 2, 3, 4]) == []  # the last token never occurred before
+    assert NgramTree(min_match=2).continuations([1, 2, 9, 3, 2]) == []  # a one-token match is not enough
+
+
+def test_a_continuation_that_extends_another_replaces_it():
+    spec = NgramTree(depth=4, nodes=8, branches=3, match=1, min_match=1)
+    assert spec.continuations([8, 8, 8, 8]) == [[8, 8, 8]]  # [8] and [8, 8] (more recent) are its prefixes
+    short = NgramTree(depth=2, nodes=8, branches=3, match=1, min_match=1)
+    assert short.continuations([1, 5, 1, 5, 1]) == [[5, 1]]  # the same continuation twice is one branch
+
+
+def test_branches_share_their_prefixes_and_pad_to_a_compiled_size():
+    spec = NgramTree(depth=3, nodes=8, branches=2, match=3, min_match=1)
+    tokens = [1, 5, 6, 2, 9, 1, 5, 6, 3, 1, 5]  # after [1, 5]: [6, 3, 1] and [6, 2, 9]
+    tree = spec.propose(tokens)
+    assert spec.sizes == [1, 5, 9] and tree.tokens.numel() == 9
+    assert tree.tokens.tolist() == [5, 6, 3, 1, 2, 9] + [UNDRAFTED] * 3
+    assert tree.parents.tolist()[:6] == [0, 0, 1, 2, 1, 4] and tree.depth.tolist()[:6] == [0, 1, 2, 3, 2, 3]
+    assert tree.children[1].tolist()[:2] == [2, 4]  # node 1 (token 6) has two children, ranks 0 and 1
+    plain_step = spec.propose([1, 2, 3])
+    assert plain_step.tokens.tolist() == [3]  # nothing found: one row, plain decoding
+
+
+@pytest.mark.parametrize("spec", ["ngram", "ngram:depth=4,nodes=4,branches=2,match=2,min=1"])
+def test_greedy_equals_plain_greedy(pair, spec):
+    """A prompt that repeats itself, so that proposals are found and accepted."""
+    target, _ = pair
+    ids = prompt(30, 4) * 3
+    result = minitree.Engine(target, None, spec, compile=False, attention="sdpa", max_seq_len=512).generate(ids, 80)
+    assert result.tokens == plain(target, ids, 80)
+    assert result.stats.tau > 1.5 and result.stats.draft_forwards == 0
+
+
+def test_sampling_matches_target_distribution(markov_pair):
+    counts, tau = sample_transitions(markov_pair[0], None, "ngram:depth=3,nodes=4,branches=2,match=2,min=1", T1)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"ngram: tau {tau:.3f}, p-value {pvalue:.3g}")
+    assert tau > 1.1 and pvalue > 1e-3
+
+
+def test_negative_control_sampling_without_the_residual_update(markov_pair, monkeypatch):
+    """A proposal rejected, its token must leave the distribution the bonus is drawn from."""
+    monkeypatch.setattr(minitree.accept, "residual", lambda p, q: p)
+    counts, _ = sample_transitions(markov_pair[0], None, "ngram:depth=3,nodes=4,branches=2,match=2,min=1", T1)
+    pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
+    print(f"negative control, ngram without residual update: p-value {pvalue:.3g}")
+    assert pvalue < 1e-6
+
+
+@pytest.mark.parametrize("spec, message", [("ngram:depth=0", "must be >= 1"), ("ngram:min=5", "min <= match"),
+                                           ("ngram:width=2", "cannot read 'width=2'")])
+def test_malformed_specs_are_reported(spec, message):
+    with pytest.raises(minitree.TreeError, match=message):
+        minitree.parse_tree(spec)
+
+
+def test_an_ngram_tree_with_a_draft_is_refused(pair):
+    with pytest.raises(minitree.EngineError, match="without a draft"):
+        minitree.Engine(*pair, "ngram", compile=False)
+
+
+def test_cli_without_a_draft_gives_plain_tokens(pair_dirs):
+    args = ["--checkpoint", pair_dirs[0], "--draft", "none", "--prompt", "a b c a b c a b c a b", "--max-new-tokens",
+            40, "--json", *FAST]
+    ngram, none = (json.loads(generate(*args, "--tree", t).stdout) for t in ("ngram", "none"))
+    assert ngram["tokens"] == none["tokens"] and ngram["stats"]["draft_forwards"] == 0
+    proc = generate("--checkpoint", pair_dirs[0], "--draft", pair_dirs[1], "--tree", "ngram", "--prompt", "x", *FAST,
+                    check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith("or pass --draft none")
