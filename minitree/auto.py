@@ -5,8 +5,10 @@ Both factors are learned here, and the best configuration of a small family is r
 every few steps:
 
 - seconds per step: the forward costs measured on this machine (costs.py: the linear layers
-  at each row count, cached on disk), plus a fixed time per forward learned from the measured
-  phase times (what the probe does not see: attention, norms, Python);
+  at each row count, cached on disk), plus what the probe does not see (attention, norms,
+  logits, Python) learned from the measured phase times: per draft forward, and per row count
+  of a verify (it grows with the rows: charged to plain decoding, an 8-row verify's extra made
+  auto price plain decoding 35% too dear and never choose it on MT-bench, docs/bench-amx-ngram.json);
 - acceptance: a calibration table over the draft's confidence (the product of its
   probabilities along a node's path): how often the target accepted nodes of that confidence,
   started from the prior that the draft is calibrated (acceptance = confidence);
@@ -101,8 +103,9 @@ class Auto:
     scores: dict = field(default_factory=dict)  # (width, depth, nodes) -> decayed sum of expected accepted nodes
     weight: float = 0.0  # decayed number of scored steps
     child_p: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.05, 0.03])  # mean child probability by rank
-    draft_extra: float = 0.0  # seconds per forward beyond the probe's linear layers, per model
-    verify_extra: float = 0.0
+    draft_extra: float = 0.0  # seconds per draft forward beyond the probe's linear layers
+    verify_extra: dict = field(default_factory=dict)  # rows -> the same for a target forward (grows with rows)
+    extra_prior: float = 0.3  # extra seconds of a forward not timed yet, as a fraction of its probed cost
     runs: dict = field(default_factory=dict)  # config name -> decayed [steps, tokens, seconds] it ran
     saturated: float = 0.5  # decayed fraction of steps that accepted down to the deepest level
     current: Config | None = None
@@ -113,8 +116,7 @@ class Auto:
         self.hits = [PRIOR_WEIGHT * m for m in mids]
         self.seen = [PRIOR_WEIGHT] * len(mids)
         self.current = next(c for c in self.configs if c.depth == 4 and c.nodes == 7)
-        self.draft_extra = 0.3 * self.draft_cost(1)  # a prior, until steps are timed
-        self.verify_extra = 0.3 * self.verify_cost(1)
+        self.draft_extra = self.extra_prior * self.draft_cost(1)  # a prior, until steps are timed
 
     # ------------------------------------------------------------------------------------
     def acceptance(self, conf: float) -> float:
@@ -127,7 +129,8 @@ class Auto:
 
     def modelled(self, c: Config) -> tuple[float, float]:
         """(committed tokens, seconds) per step, from the acceptance and cost models."""
-        verify = self.verify_cost(c.nodes + 1 if c.depth else 1) + self.verify_extra
+        rows = c.nodes + 1 if c.depth else 1
+        verify = self.verify_cost(rows) + self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
         if c.depth == 0:
             return 1.0, verify
         return 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c)
@@ -176,8 +179,11 @@ class Auto:
             run[0] += 1
             run[1] += n  # the accepted nodes with the root: the committed tokens
             run[2] += draft_s + verify_s
-            extra = verify_s - self.verify_cost(config.nodes + 1 if config.depth else 1)
-            self.verify_extra = 0.9 * self.verify_extra + 0.1 * max(extra, 0.0)
+            # per row count: what a verify costs beyond its linear layers (attention, logits, norms)
+            # grows with its rows, so eight rows' extra must not be charged to plain decoding's one
+            rows = config.nodes + 1 if config.depth else 1
+            extra = self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
+            self.verify_extra[rows] = 0.9 * extra + 0.1 * max(verify_s - self.verify_cost(rows), 0.0)
         if config.depth == 0:
             return
         if timed and levels:

@@ -42,7 +42,7 @@ def cheap_draft_costs(monkeypatch):
     target forward (unmeasured: step timings do not outweigh them)."""
     def auto(draft_cost, verify_cost, seconds):
         a = Auto(lambda rows: 0.2 + 0.01 * rows, lambda rows: 1.0 + 0.02 * rows, seconds=False)
-        a.draft_extra = a.verify_extra = 0.0
+        a.draft_extra = a.extra_prior = 0.0
         return a
 
     monkeypatch.setattr(minitree.engine, "Auto", auto)
@@ -83,7 +83,8 @@ def test_calibration_and_prediction():
     for _ in range(200):  # nodes of confidence ~0.92 (fp32 on the device) are accepted a third of the time
         a.observe(Config(2, 3), step([1.0, 0.92, 0.92, 0.92], [0, 1, 1], candidates, 2, dict(draft=0.1, verify=0.2)), 2)
     assert a.acceptance(0.92) == pytest.approx(1 / 3, abs=0.02)
-    assert a.predicted(Config(0, 0)) == pytest.approx(1 / 0.2, rel=0.05)
+    assert a.verify_extra[4] == pytest.approx(0.0, abs=1e-3)  # 4-row verifies took their probed 0.2 s
+    assert a.predicted(Config(0, 0)) == pytest.approx(1 / (0.2 + 0.3 * 0.2))  # one row: not timed yet, the prior
     # a configuration that ran is predicted from what it did: 2 tokens per 0.3 s step
     assert a.predicted(Config(2, 3)) == pytest.approx(2 / 0.3, rel=0.02)
     assert a.modelled(Config(2, 3))[0] == pytest.approx(1 + 3 * (1 / 3), rel=0.05)
@@ -93,7 +94,7 @@ def _modelled_best(second_p: float, draft_cost) -> int:
     """The width of the configuration modelled fastest after steps whose draft (width 2, depth 4)
     gave each node children of probabilities [p0, second_p, ...] (a calibrated draft)."""
     a = Auto(draft_cost, lambda rows: 1.0)
-    a.draft_extra = a.verify_extra = 0.0
+    a.draft_extra = a.extra_prior = 0.0
     probs = [0.97 - second_p, second_p, 0.02, 0.01]
     candidates, level = [1.0], [1.0]
     for d in range(1, 5):
