@@ -96,12 +96,12 @@ def main(checkpoint: str | None, draft: str | None, prompts: int, sets: str, pro
     rank, world = minitree.tp.init()  # under torchrun: minitree's target is sharded over the processes
     if world > 1 and (others := [n for n in names if n in HF_SYSTEMS or LLAMA_CPP.match(n)]):
         raise minitree.EngineError(f"under torchrun only minitree systems run; drop {', '.join(others)}")
-    prompt_sets = [prompts_file.stem] if prompts_file else [ps.partition(":")[0] for ps in sets.split(",")]
-    new_tokens = {ps: max_new_tokens for ps in prompt_sets}  # a set's own count: "edit:256"
+    new_tokens = {prompts_file.stem: max_new_tokens} if prompts_file else {}  # per set: "edit:256" has its own
     for ps, colon, n in (x.partition(":") for x in ([] if prompts_file else sets.split(","))):
         if colon and not n.isdigit():
             raise minitree.EngineError(f"--sets: '{ps}:{n}': the new tokens after ':' must be a number")
         new_tokens[ps] = int(n) if colon else max_new_tokens
+    prompt_sets = list(new_tokens)
     args = argparse.Namespace(max_seq_len=max_seq_len, temperature=temperature, seed=seed, draft_cutoff=draft_cutoff,
                               threads=threads)
     runner_args = dict(compile=not no_compile, plan=plan)

@@ -127,10 +127,14 @@ class Auto:
         widths = _widths(c.depth, c.width)[:levels]  # level 0: the 2-token window
         return sum(self.draft_cost(w) for w in (2, *widths[1:])) + len(widths) * self.draft_extra
 
+    def verify_extra_at(self, rows: int) -> float:
+        """Seconds a verify of `rows` rows takes beyond its linear layers: learned, or the prior."""
+        return self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
+
     def modelled(self, c: Config) -> tuple[float, float]:
         """(committed tokens, seconds) per step, from the acceptance and cost models."""
         rows = c.nodes + 1 if c.depth else 1
-        verify = self.verify_cost(rows) + self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
+        verify = self.verify_cost(rows) + self.verify_extra_at(rows)
         if c.depth == 0:
             return 1.0, verify
         return 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c)
@@ -182,8 +186,8 @@ class Auto:
             # per row count: what a verify costs beyond its linear layers (attention, logits, norms)
             # grows with its rows, so eight rows' extra must not be charged to plain decoding's one
             rows = config.nodes + 1 if config.depth else 1
-            extra = self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
-            self.verify_extra[rows] = 0.9 * extra + 0.1 * max(verify_s - self.verify_cost(rows), 0.0)
+            extra = max(verify_s - self.verify_cost(rows), 0.0)
+            self.verify_extra[rows] = 0.9 * self.verify_extra_at(rows) + 0.1 * extra
         if config.depth == 0:
             return
         if timed and levels:

@@ -180,14 +180,18 @@ class Engine:
         runners = [r for r in (self.target, self.draft) if r is not None]
         shapes = [(r, c) for r in runners for c in r.prefill_chunks] + self._shapes(self.tree)
         shapes += self._shapes(self._spec(self.auto.current)) if self.auto else []
-        if all(rows in runner.compiled for runner, rows in shapes):
+        if self._all_compiled(shapes):
             return 0.0
         self.seq.reset([0])
         return self._compile(shapes)
 
     def _compiled(self, spec: TreeSpec) -> bool:
         """Whether every forward a step along `spec` may run was compiled by warm_up or _compile."""
-        shapes = self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks] if spec.drafts else [])
+        return self._all_compiled(self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks]
+                                                        if spec.drafts else []))
+
+    @staticmethod
+    def _all_compiled(shapes: list[tuple[Runner, int]]) -> bool:
         return all(rows in runner.compiled for runner, rows in shapes)
 
     def _spec(self, config: Config) -> TreeSpec:
@@ -320,7 +324,7 @@ class Engine:
             if config is not None:
                 stats.configs[config.name] += 1
                 self.auto.observe(config, step, n)
-            new = step.tokens[:n].tolist()[: max_new_tokens - len(out)]
+            new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)
             new = new if stop is None else new[: stop + 1]
             out += new

@@ -284,6 +284,20 @@ class Tree(TreeSpec):
 
 
 # ----------------------------------------------------------------------------------------
+def _keyed(spec: str, head: str, kind: str, defaults: dict, syntax: str) -> dict[str, int]:
+    """'head' or 'head:key=N,...' (any subset of the keys of `defaults`) -> every key's integer."""
+    found, _, body = spec.strip().partition(":")
+    if found != head:
+        raise TreeError(f"tree '{spec}' is not {kind} tree spec; write {syntax}")
+    params = dict(defaults)
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, value = item.partition("=")
+        if key not in params or not eq or not re.fullmatch(r"\d+", value.strip()):
+            raise TreeError(f"tree '{spec}': cannot read '{item}'; write {syntax}")
+        params[key] = int(value)
+    return params
+
+
 DYNAMIC_DEFAULTS = dict(depth=6, width=2, k=4, nodes=10)
 DYNAMIC_SYNTAX = "dynamic:depth=D,width=W,k=K,nodes=N (all optional; default " + \
                  ",".join(f"{k}={v}" for k, v in DYNAMIC_DEFAULTS.items()) + ")"
@@ -315,16 +329,7 @@ class DynamicTree(TreeSpec):
     @classmethod
     def parse(cls, spec: str) -> "DynamicTree":
         """'dynamic' or 'dynamic:depth=6,width=4,k=4,nodes=16' (any subset of the keys)."""
-        head, _, body = spec.strip().partition(":")
-        if head != "dynamic":
-            raise TreeError(f"tree '{spec}' is not a dynamic tree spec; write {DYNAMIC_SYNTAX}")
-        params = dict(DYNAMIC_DEFAULTS)
-        for item in filter(None, (s.strip() for s in body.split(","))):
-            key, eq, value = item.partition("=")
-            if key not in params or not eq or not re.fullmatch(r"\d+", value.strip()):
-                raise TreeError(f"tree '{spec}': cannot read '{item}'; write {DYNAMIC_SYNTAX}")
-            params[key] = int(value)
-        return cls(**params)
+        return cls(**_keyed(spec, "dynamic", "a dynamic", DYNAMIC_DEFAULTS, DYNAMIC_SYNTAX))
 
     def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
         start = self.cand_offset[d]
@@ -384,15 +389,7 @@ class NgramTree:
 
     @classmethod
     def parse(cls, spec: str) -> "NgramTree":
-        head, _, body = spec.strip().partition(":")
-        if head != "ngram":
-            raise TreeError(f"tree '{spec}' is not an n-gram tree spec; write {NGRAM_SYNTAX}")
-        params = dict(NGRAM_DEFAULTS)
-        for item in filter(None, (s.strip() for s in body.split(","))):
-            key, eq, value = item.partition("=")
-            if key not in params or not eq or not re.fullmatch(r"\d+", value.strip()):
-                raise TreeError(f"tree '{spec}': cannot read '{item}'; write {NGRAM_SYNTAX}")
-            params[key] = int(value)
+        params = _keyed(spec, "ngram", "an n-gram", NGRAM_DEFAULTS, NGRAM_SYNTAX)
         params["min_match"] = params.pop("min")
         return cls(**params)
 
