@@ -17,6 +17,7 @@ import torch
 import minitree
 from minitree.errors import FetchError
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, GGUF_NAME, MODELS, fetch
+from minitree.kernels import build_in_background
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
 
@@ -105,6 +106,8 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
         raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding, "
                                    "--tree ngram for draft-free trees)")
     torch_dtype = getattr(torch, dtype)
+    if device == "cpu" and not dequantize:  # GGUF files run on minitree's kernels: built while the models download
+        build_in_background()
     target = load_model(checkpoint, torch_dtype, device, tensor_parallel=True, dequantize=dequantize)
     if quantize:
         minitree.quantize(target, quantize)

@@ -44,7 +44,7 @@ from .forms import INT4_GROUP, FormLinear, q4_runs, quant_kinds
 from .kernels import kernels, source_version
 from .machine import describe, machine, onednn, packs
 
-PROBED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # row counts the probe times
+PROBED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128)  # row counts the probe times (linear between)
 GROWS_PROBE_ROWS = 16  # gemv (oneDNN off) grows ~linearly in rows: not worth timing further
 PAD_GAIN = 0.9  # pad a forward with more rows only where that is measured to cost at most 90%
 PREFILL_CHUNKS = (8, 32, 128)  # the prefill chunk shapes (each one compiled graph per model)

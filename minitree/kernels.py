@@ -28,16 +28,30 @@ HEADERS = (CSRC / "integer_paths.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 
-@functools.lru_cache(maxsize=None)
+_building = threading.Lock()  # one build at a time: a caller waits for one under way (build_in_background)
+
+
 def kernels():
     """torch.ops.minitree_kernels, built once per process (module docstring)."""
+    with _building:
+        return _build()
+
+
+def build_in_background() -> None:
+    """Start building the kernels in a thread, so that a first run builds them while its models
+    download; kernels() then waits for that build (and reports its error, if it failed)."""
+    threading.Thread(target=available, daemon=True, name="minitree kernels").start()
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
     from torch.utils import cpp_extension
     isa = hashlib.sha1(" ".join(machine()["isa"]).encode()).hexdigest()[:8]
     scripts = sysconfig.get_path("scripts")  # pip's ninja, also when its virtual environment is not activated
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     # said only when it takes a while: a build already cached for this source loads in well under that
-    slow = threading.Timer(3.0, lambda: print("building minitree's kernels for this CPU (once, about a minute)",
+    slow = threading.Timer(3.0, lambda: print("building minitree's kernels for this CPU (once, under a minute)",
                                               file=sys.stderr, flush=True))
     slow.start()
     try:

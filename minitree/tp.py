@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 TIMEOUT_S = float(os.environ.get("MINITREE_TP_TIMEOUT", 600))  # compiling the first step counts too
 COLUMNS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")  # split by outputs (dim 0)
-PROBED_ROWS = ("o_proj", "down_proj")  # split by inputs (dim 1); their bias is added once, by rank 0
+ROW_PARALLEL = ("o_proj", "down_proj")  # split by inputs (dim 1); their bias is added once, by rank 0
 
 
 def init() -> tuple[int, int]:
@@ -53,10 +53,10 @@ def shard(name: str, get, shape: tuple[int, ...], rank: int, world: int) -> torc
     if module in COLUMNS:
         n = shape[0] // world
         return get((slice(rank * n, (rank + 1) * n),))
-    if module in PROBED_ROWS and kind == "weight":
+    if module in ROW_PARALLEL and kind == "weight":
         n = shape[1] // world
         return get((slice(None), slice(rank * n, (rank + 1) * n)))
-    if module in PROBED_ROWS and rank > 0:  # a row-parallel bias: summed over the ranks, so rank 0 adds it
+    if module in ROW_PARALLEL and rank > 0:  # a row-parallel bias: summed over the ranks, so rank 0 adds it
         return torch.zeros_like(get((slice(None),)))
     return get((slice(None),) * len(shape))
 

@@ -10,8 +10,9 @@ from gguf.quants import dequantize, quantize
 
 import minitree
 import minitree.accept
+from minitree.config import from_hf_config
 from minitree.costs import PROBED_ROWS, Plan, probe_key, settings
-from minitree.gguf import SUPPORTED, GGUFLinear
+from minitree.gguf import SUPPORTED, GGUFLinear, hf_config, read_header
 from minitree.kernels import kernels
 from reference import (SIZES, T1, blocks_reversed, causal, chi_square_pvalue, plain, prompt, sample_transitions,
                        transition_matrix)
@@ -99,6 +100,20 @@ def test_a_quantized_gguf_model_keeps_its_blocks(quantized_pair):
     ids = torch.tensor(PROMPT)
     ours, ref = causal(target)(ids), causal(floats)(ids)
     assert (ours - ref).norm() / ref.norm() < 0.03  # the activations' int8 blocks: measured 0.013
+
+
+def test_the_header_reads_as_transformers_reads_it(quantized_pair, tmp_path):
+    """minitree reads a GGUF file's config from its header directly (gguf.read_header): the same
+    values as transformers' reader, for every key ModelArgs takes; a cut file is one clear error."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    for file in quantized_pair:
+        ours = hf_config(read_header(file))
+        theirs = load_gguf_checkpoint(str(file), return_tensors=False)["config"]
+        assert from_hf_config(ours) == from_hf_config(theirs | dict(architectures=ours["architectures"]))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(quantized_pair[0].read_bytes()[:5000])
+    with pytest.raises(minitree.LoadError, match="truncated"):
+        minitree.load(cut)
 
 
 def test_llama_q_and_k_rows_are_unpermuted(tmp_path):

@@ -11,7 +11,8 @@
 //   o   = (sum_i p_i v_i) / l   in order of i, the head dimension in lanes
 // So a token's attention rounds alike in a prefill chunk, a plain step, a chain or any tree. One
 // implementation (GCC vector extensions: SIMD where the build has it, the same arithmetic anyway).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
@@ -164,8 +165,8 @@ static void attend(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64
 
 // q [1, H, T, D]; keys, values [1, H_kv, S, D] (the cache); q_slot, q_node [T]; base []; anc_bits [n]
 // -> [1, H, T, D] in q's dtype.
-torch::Tensor attend_op(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor q_slot,
-                        torch::Tensor q_node, torch::Tensor base, torch::Tensor anc_bits) {
+at::Tensor attend_op(at::Tensor q, at::Tensor keys, at::Tensor values, at::Tensor q_slot,
+                        at::Tensor q_node, at::Tensor base, at::Tensor anc_bits) {
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && q.size(0) == 1 && keys.size(0) == 1, "minitree attend: q [1, H, T, D], "
               "keys [1, H_kv, S, D]");
   TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
@@ -175,9 +176,9 @@ torch::Tensor attend_op(torch::Tensor q, torch::Tensor keys, torch::Tensor value
               " key/value heads of ", D, " dimensions are not supported");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "minitree attend: a contiguous cache");
   const auto qt = q[0].transpose(0, 1).contiguous();  // [T, H, D]
-  auto out = torch::empty({Tq, H, D}, q.options());
-  const auto slots = q_slot.to(torch::kLong).contiguous(), nodes = q_node.to(torch::kLong).contiguous();
-  const auto anc = anc_bits.to(torch::kLong).contiguous();
+  auto out = at::empty({Tq, H, D}, q.options());
+  const auto slots = q_slot.to(at::kLong).contiguous(), nodes = q_node.to(at::kLong).contiguous();
+  const auto anc = anc_bits.to(at::kLong).contiguous();
   const int64_t b = base.item<int64_t>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "minitree attend", [&] {

@@ -22,7 +22,8 @@
 // operand of one vpdpbusd and one row of an AMX B tile. 4-bit levels pack two quads per 64 bytes
 // (low and high nibbles); 5- and 6-bit levels add one 64-byte plane of their high bits per sub-block.
 // The same bytes per weight as the file (Q4_K: +2.8%, its 6-bit scales unpacked).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -159,13 +160,13 @@ static void put(uint8_t* g, int o, const Decoded& v) {
 }
 
 template <int TYPE>
-static torch::Tensor repack(const torch::Tensor& w, int64_t K) {
+static at::Tensor repack(const at::Tensor& w, int64_t K) {
   using T = F<TYPE>;
   const int64_t O = w.size(0), blocks = K / T::block, groups = (O + 15) / 16;
   TORCH_CHECK(K % T::block == 0 && w.size(1) == blocks * T::file_bytes, "minitree repack: ", K,
               " input features do not match ", w.size(1), " bytes per weight row");
   const auto wc = w.contiguous();
-  torch::Tensor out = torch::zeros({groups, blocks * T::bytes}, w.options());
+  at::Tensor out = at::zeros({groups, blocks * T::bytes}, w.options());
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   uint8_t* gp = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -179,12 +180,12 @@ static torch::Tensor repack(const torch::Tensor& w, int64_t K) {
 
 // The weights the groups hold, in fp32 [O, K], computed in the gguf package's order (so equal to its reading).
 template <int TYPE>
-static torch::Tensor dequantize(const torch::Tensor& groups, int64_t K, int64_t O) {
+static at::Tensor dequantize(const at::Tensor& groups, int64_t K, int64_t O) {
   using T = F<TYPE>;
   const int64_t blocks = K / T::block;
   TORCH_CHECK(groups.size(1) == blocks * T::bytes && 16 * groups.size(0) >= O, "minitree dequantize: groups do not hold ",
               O, "x", K, " weights");
-  torch::Tensor y = torch::empty({O, K}, torch::kFloat);
+  at::Tensor y = at::empty({O, K}, at::kFloat);
   const uint8_t* gp = groups.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
@@ -220,12 +221,12 @@ static torch::Tensor dequantize(const torch::Tensor& groups, int64_t K, int64_t 
 
 // Float weights [O, K] -> the file blocks of a 32-block type (ggml's reference quantizers): Q4_1 (min-max
 // levels: the lossy "q4" form of draft weights) or Q8_0.
-static torch::Tensor quantize_weights(const torch::Tensor& w, int64_t type) {
+static at::Tensor quantize_weights(const at::Tensor& w, int64_t type) {
   TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0 && (type == Q4_1 || type == Q8_0), "minitree quantize: float w [O, K] "
               "with K a multiple of 32, to Q4_1 or Q8_0");
-  const auto wf = w.to(torch::kFloat).contiguous();
+  const auto wf = w.to(at::kFloat).contiguous();
   const int64_t O = w.size(0), nb = w.size(1) / 32, bytes = type == Q4_1 ? F<Q4_1>::file_bytes : F<Q8_0>::file_bytes;
-  auto out = torch::empty({O, nb * bytes}, w.options().dtype(torch::kUInt8));
+  auto out = at::empty({O, nb * bytes}, w.options().dtype(at::kByte));
   const float* src = wf.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, O * nb, 256, [&](int64_t b0, int64_t b1) {
@@ -270,8 +271,8 @@ struct Act {
 // Q8_K (k-quants): per 256 values, the scale from the value of largest magnitude, rounded to nearest even.
 // Q8_0 (the others): per 32, d = amax / 127 rounded to fp16, the values by x / d rounded half away from zero.
 template <class T>
-static Act quantize(const torch::Tensor& x) {
-  const auto xf = x.to(torch::kFloat).contiguous();
+static Act quantize(const at::Tensor& x) {
+  const auto xf = x.to(at::kFloat).contiguous();
   const int64_t R = xf.size(0), K = xf.size(1), nb = K / T::block;
   Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)), K};
   const float* xp = xf.data_ptr<float>();
@@ -569,27 +570,27 @@ std::vector<std::string> paths() {
   return out;
 }
 
-torch::Tensor repack_op(torch::Tensor w, int64_t type, int64_t K) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "minitree repack: w [O, bytes] uint8");
+at::Tensor repack_op(at::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "minitree repack: w [O, bytes] uint8");
   return with_format(type, [&](auto f) { return repack<decltype(f)::type_id>(w, K); });
 }
 
-torch::Tensor dequantize_op(torch::Tensor groups, int64_t type, int64_t K, int64_t O) {
-  TORCH_CHECK(groups.dim() == 2 && groups.scalar_type() == torch::kUInt8 && groups.is_contiguous(),
+at::Tensor dequantize_op(at::Tensor groups, int64_t type, int64_t K, int64_t O) {
+  TORCH_CHECK(groups.dim() == 2 && groups.scalar_type() == at::kByte && groups.is_contiguous(),
               "minitree dequantize: groups [O / 16, bytes] uint8");
   return with_format(type, [&](auto f) { return dequantize<decltype(f)::type_id>(groups, K, O); });
 }
 
 // x [R, K] (float, bf16 or half), groups of GGUF type `type` holding O outputs -> [R, O] in x's dtype.
 // path: one of PATH_NAMES' indices, or -1 for the fastest here (every path gives the same bits).
-torch::Tensor mm_op(torch::Tensor x, torch::Tensor groups, int64_t type, int64_t O, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && groups.dim() == 2 && groups.scalar_type() == torch::kUInt8 && groups.is_contiguous(),
+at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && groups.dim() == 2 && groups.scalar_type() == at::kByte && groups.is_contiguous(),
               "minitree mm: x [R, K], groups [O / 16, bytes] uint8");
   const int64_t R = x.size(0), K = x.size(1);
   path = path < 0 ? best() : path;
   TORCH_CHECK(path < PATHS && available(path), "minitree mm: path ", path, " does not run on this CPU");
   const int64_t padded = 16 * groups.size(0);
-  auto y = torch::empty({R, padded}, x.options().dtype(torch::kFloat));
+  auto y = at::empty({R, padded}, x.options().dtype(at::kFloat));
   with_format(type, [&](auto f) {
     using T = decltype(f);
     TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,

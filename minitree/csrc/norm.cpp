@@ -4,7 +4,8 @@
 // roundings of the same row. Here every row is summed alone, in 16 lanes by index mod 16, then a
 // fixed halving tree, as torch computes the rest: in fp32, the normalized row rounded to the
 // input's dtype, then multiplied by the weight in that dtype (upcast, multiply, round).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
@@ -38,10 +39,10 @@ static void rms_norm(const T* x, const T* w, T* y, int64_t R, int64_t D, float e
 }
 
 // x [..., D], weight [D] -> [..., D] in x's dtype.
-torch::Tensor rms_norm_op(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm_op(at::Tensor x, at::Tensor weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "minitree rms_norm: x [..., D], weight [D]");
   const auto xc = x.contiguous(), wc = weight.to(x.scalar_type()).contiguous();
-  auto y = torch::empty_like(xc);
+  auto y = at::empty_like(xc);
   const int64_t D = x.size(-1), R = x.numel() / std::max<int64_t>(D, 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minitree rms_norm", [&] {
     rms_norm<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), R, D,
