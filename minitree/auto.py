@@ -39,7 +39,7 @@ import bisect
 import functools
 from dataclasses import dataclass, field
 
-from .tree import DynamicTree, Tree, TreeSpec
+from .tree import NGRAM_DEFAULTS, DynamicTree, MixedTree, NgramTree, Tree, TreeSpec
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8)
 NODES = (1, 3, 5, 7, 10, 15)
@@ -49,25 +49,39 @@ PRIOR_WEIGHT = 4.0  # pseudo-observations per bucket behind the prior
 DECAY = 0.93  # per step: how fast old steps are forgotten (~15 steps of memory: a new prompt takes over fast)
 RECHOOSE = 4  # steps between choices
 SWITCH_GAIN = 1.03  # switch only for a predicted gain of 3%
+DRAFT_SWITCH_GAIN = 1.10  # ... of 10% between drafting and not drafting (the draft then catches up on the text)
 EXPLORE = 16  # while decoding plainly, one speculative step in this many (when a tree is close: CLOSE) ...
 RARELY = 64  # ... or in this many (when none is)
 CLOSE = 1.0  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
+NGRAM_NODES = 10  # an n-gram-only configuration's nodes (verifies 1, 6 or 11 rows: shapes of the family)
+MIXED_TOTALS = (10, 15)  # a mixed configuration verifies the draft's nodes plus n-gram nodes up to these
+LOOKUP = NgramTree(nodes=max(MIXED_TOTALS))  # the continuations auto scores at every step's root
 
 
 @dataclass
 class Config:
-    depth: int  # 0: plain decoding
-    nodes: int
+    depth: int  # 0: no draft (plain decoding, or n-gram branches alone)
+    nodes: int  # the draft's nodes
     width: int = 2
+    ngram: int = 0  # n-gram nodes beside them (0: none)
 
     @property
     def name(self) -> str:
-        return "plain" if self.depth == 0 else f"dynamic:depth={self.depth},width={self.width},k={K},nodes={self.nodes}"
+        """spec().name, without building the spec (choosing reads every configuration's name)."""
+        ngram = "ngram" + (f":nodes={self.ngram}" if self.ngram != NGRAM_DEFAULTS["nodes"] else "")
+        if self.depth == 0:
+            return ngram if self.ngram else "plain"
+        grown = f"dynamic:depth={self.depth},width={self.width},k={K},nodes={self.nodes}"
+        return f"{grown}+{ngram}" if self.ngram else grown
 
-    def spec(self) -> TreeSpec:
-        return Tree([]) if self.depth == 0 else DynamicTree(self.depth, self.width, K, self.nodes)
+    def spec(self) -> TreeSpec | NgramTree | MixedTree:
+        ngram = NgramTree(nodes=self.ngram) if self.ngram else None
+        if self.depth == 0:
+            return ngram or Tree([], name="plain")
+        grown = DynamicTree(self.depth, self.width, K, self.nodes)
+        return MixedTree(grown, ngram) if ngram else grown
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,13 +96,22 @@ def _cand_depth(depth: int, width: int) -> tuple[int, ...]:
     return tuple(DynamicTree(depth, width, K, 1).cand_depth.tolist())
 
 
+@functools.lru_cache(maxsize=None)
+def _ngram_sizes(nodes: int) -> tuple[int, ...]:
+    return NgramTree(nodes=nodes).sizes
+
+
 def family() -> list[Config]:
+    """Plain decoding, the dynamic trees, n-gram branches alone, and each dynamic tree with n-gram
+    branches up to MIXED_TOTALS nodes (verify shapes the dynamic trees compile too)."""
     configs = [Config(0, 0)]
     for w in WIDTHS:
         for d in DEPTHS[w == 1:]:  # at depth 1, every width drafts the same tree
             spec = DynamicTree(d, w, K, 1)
             configs += [Config(d, n, w) for n in NODES if n <= spec.n_candidates - 1]
-    return configs
+    mixed = [Config(c.depth, c.nodes, c.width, total - c.nodes) for c in configs[1:] for total in MIXED_TOTALS
+             if total - c.nodes >= 5]
+    return configs + [Config(0, 0, ngram=NGRAM_NODES)] + mixed
 
 
 @dataclass
@@ -108,6 +131,14 @@ class Auto:
     extra_prior: float = 0.3  # extra seconds of a forward not timed yet, as a fraction of its probed cost
     runs: dict = field(default_factory=dict)  # config name -> decayed [steps, tokens, seconds] it ran
     saturated: float = 0.5  # decayed fraction of steps that accepted down to the deepest level
+    # n-gram branches, scored at every step's root once the text after it is known (decayed sums):
+    lookups: float = 0.0  # roots scored
+    found: float = 0.0  # ... with a continuation
+    looked_up: float = 0.0  # tokens the branches would have had accepted
+    trie: float = 0.0  # their nodes, where found
+    drafted: float = 0.0  # roots where the draft drafted
+    gain: float = 0.0  # ... tokens the branches would have added to the draft's accepted ones
+    pending: list = field(default_factory=list)  # (root position, continuations, draft's accepted or None)
     current: Config | None = None
     steps: int = 0
 
@@ -131,13 +162,26 @@ class Auto:
         """Seconds a verify of `rows` rows takes beyond its linear layers: learned, or the prior."""
         return self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
 
+    def verify_seconds(self, rows: int) -> float:
+        return self.verify_cost(rows) + self.verify_extra_at(rows)
+
     def modelled(self, c: Config) -> tuple[float, float]:
-        """(committed tokens, seconds) per step, from the acceptance and cost models."""
+        """(committed tokens, seconds) per step, from the acceptance and cost models; n-gram branches
+        from what they would have added at the roots scored (none scored yet: nothing)."""
         rows = c.nodes + 1 if c.depth else 1
-        verify = self.verify_cost(rows) + self.verify_extra_at(rows)
+        found, looked_up = self.found / max(self.lookups, 1e-9), self.looked_up / max(self.lookups, 1e-9)
+        if c.depth == 0 and c.ngram:  # the smallest size holding the mean trie (NgramTree.sizes)
+            trie = min(self.trie / max(self.found, 1e-9), c.ngram) + 1
+            size = min(s for s in _ngram_sizes(c.ngram) if s >= trie)
+            return 1.0 + looked_up, (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
+        verify = self.verify_seconds(rows)
         if c.depth == 0:
             return 1.0, verify
-        return 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9), verify + self.draft_seconds(c)
+        tokens = 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9)
+        if c.ngram:  # beside the draft's nodes: what the branches add to them, verified with them
+            tokens += self.gain / self.drafted if self.drafted >= 1 else 0.5 * looked_up
+            verify = (1 - found) * verify + found * self.verify_seconds(rows + c.ngram)
+        return tokens, verify + self.draft_seconds(c)
 
     def predicted(self, c: Config) -> float:
         """Tokens per second: the model's prediction, outweighed by what the configuration did."""
@@ -150,7 +194,8 @@ class Auto:
         self.steps += 1
         if self.weight and self.steps % RECHOOSE == 0:
             best = self.best()
-            if self.predicted(best) > SWITCH_GAIN * self.predicted(self.current):
+            gain = SWITCH_GAIN if (best.depth > 0) == (self.current.depth > 0) else DRAFT_SWITCH_GAIN
+            if self.predicted(best) > gain * self.predicted(self.current):
                 self.current = best
         if self.current.depth == 0 and self.steps % EXPLORE == 0:  # RARELY is a multiple of EXPLORE
             tree = self.best(speculative=True)
@@ -161,19 +206,23 @@ class Auto:
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
             nodes = self.current.nodes + deeper - self.current.depth  # room to accept the deeper levels too
             return min((c for c in self.configs if c.depth == deeper and c.width == self.current.width
-                        and c.nodes >= min(nodes, max(NODES))), key=lambda c: c.nodes)
+                        and not c.ngram and c.nodes >= min(nodes, max(NODES))), key=lambda c: c.nodes)
         return self.current
 
     def best(self, speculative: bool = False) -> Config:
         return max((c for c in self.configs if c.depth or not speculative), key=self.predicted)
 
     # ------------------------------------------------------------------------------------
-    def observe(self, config: Config, step, n: int) -> None:
-        """One step (stats.Step) along `config` that committed n tokens: the confidences of the
-        verified nodes and which were accepted, the confidence of every drafted candidate, the draft
-        levels run, and (when the engine times its steps) what drafting and verifying cost."""
+    def observe(self, config: Config, step, n: int, history: list[int]) -> None:
+        """One step (stats.Step) along `config` that committed n tokens, the last of `history` (the
+        committed tokens): the confidences of the verified nodes and which were accepted, the
+        confidence of every drafted candidate, the draft levels run, what n-gram branches would have
+        proposed at its root, and (when the engine times its steps) what drafting and verifying cost."""
         tree, levels = step.tree, step.levels
-        accepted = set(step.path[:n].tolist())
+        path = step.path[:n].tolist()
+        accepted, drafted = set(path), tree.tokens.numel() if not config.ngram else config.nodes + 1
+        self._look_up(history, len(history) - n - 1,
+                      next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
         timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable
         draft_s, verify_s = step.times.get("draft", 0.0), step.times.get("verify", 0.0)
         for run in self.runs.values():
@@ -185,7 +234,7 @@ class Auto:
             run[2] += draft_s + verify_s
             # per row count: what a verify costs beyond its linear layers (attention, logits, norms)
             # grows with its rows, so eight rows' extra must not be charged to plain decoding's one
-            rows = config.nodes + 1 if config.depth else 1
+            rows = tree.tokens.numel()
             extra = max(verify_s - self.verify_cost(rows), 0.0)
             self.verify_extra[rows] = 0.9 * self.verify_extra_at(rows) + 0.1 * extra
         if config.depth == 0:
@@ -195,11 +244,27 @@ class Auto:
             self.draft_extra = 0.9 * self.draft_extra + 0.1 * max(extra, 0.0)
         self.saturated = 0.9 * self.saturated + 0.1 * (n - 1 >= config.depth)
         # calibration: each verified node's confidence, and whether it was accepted
-        for i, conf in enumerate(tree.conf.tolist()[1:], 1):
+        for i, conf in enumerate(tree.conf.tolist()[1:drafted], 1):  # the draft's nodes
             b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
             self.seen[b] += 1
             self.hits[b] += i in accepted
         self._score(tree.candidates.tolist(), _cand_depth(config.depth, config.width), config.width)
+
+    def _look_up(self, history: list[int], root: int, drafted: int | None) -> None:
+        """Note the continuations at this step's root (and the draft's accepted nodes, when it
+        drafted); score the roots whose next LOOKUP.max_depth tokens are now committed."""
+        if self.pending and self.pending[-1][0] >= root:  # a new text
+            self.pending.clear()
+        self.pending.append((root, LOOKUP.continuations(history[:root + 1]), drafted))
+        while self.pending and len(history) > self.pending[0][0] + LOOKUP.max_depth:
+            at, conts, drafted = self.pending.pop(0)
+            text = history[at + 1:at + 1 + LOOKUP.max_depth]
+            agreed = max((next((i for i, (a, b) in enumerate(zip(c, text)) if a != b), len(c)) for c in conts), default=0)
+            self.lookups, self.found = DECAY * self.lookups + 1, DECAY * self.found + bool(conts)
+            self.looked_up = DECAY * self.looked_up + agreed
+            self.trie = DECAY * self.trie + len({tuple(c[:i]) for c in conts for i in range(1, len(c) + 1)})
+            if drafted is not None:
+                self.drafted, self.gain = DECAY * self.drafted + 1, DECAY * self.gain + max(agreed - drafted, 0)
 
     def _score(self, candidates: list[float], cand_depth: tuple[int, ...], drafted_width: int) -> None:
         """Expected accepted nodes of every (width, depth, nodes) configuration, from this step's

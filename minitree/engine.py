@@ -26,7 +26,7 @@ from .model import Transformer
 from .runner import Runner
 from .sampling import Sampling, probs
 from .stats import Clock, Result, Stats, Step
-from .tree import NgramTree, Tree, TreeSpec, parse_tree
+from .tree import MixedTree, NgramTree, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 
@@ -61,13 +61,17 @@ class Committed:
         self.length, self.draft_cached, self.pending = len(prompt), 0, False
         self.history = list(prompt)
 
-    def advanced(self, tokens: list[int], drafted: bool) -> None:
-        """A step committed `tokens` (already written on the device); the draft, if it drafted,
-        cached every committed slot but the last two."""
+    def advanced(self, tokens: list[int], expanded: list[int] | None) -> None:
+        """A step committed `tokens` (already written on the device). `expanded`: when the draft
+        drafted, its cache rows of the accepted nodes but the last (0: a node it did not expand, an
+        n-gram branch's): it cached the root and those nodes up to the first it did not expand, and
+        at most every committed slot but the last two (the next step's window recomputes those)."""
+        base = self.length - 1
         self.history += tokens
         self.length, self.pending = self.length + len(tokens), False
-        if drafted:
-            self.draft_cached = self.length - 2
+        if expanded is not None:
+            leading = next((i for i, row in enumerate(expanded) if row == 0), len(expanded))
+            self.draft_cached = min(base + 1 + leading, self.length - 2)
 
     def rewind(self, length: int) -> None:
         """Forget the committed tokens after the first `length`."""
@@ -107,8 +111,10 @@ class Engine:
             raise EngineError(f"draft_cutoff must be in [0, 1), got {draft_cutoff}")
         spec = None if tree is None or tree == "auto" else parse_tree(tree)
         if isinstance(spec, NgramTree) and draft is not None:
-            raise EngineError("an n-gram tree proposes without a draft model: pass draft=None (trees that mix "
-                              "draft and n-gram branches are not built yet)")
+            raise EngineError("an n-gram tree proposes without a draft model: pass draft=None, or mix the "
+                              "draft's tree with n-gram branches (\"dynamic+ngram\")")
+        if isinstance(spec, MixedTree) and draft is None:
+            raise EngineError(f"tree {spec.name} mixes the draft's tree with n-gram branches: it needs a draft")
         draft = draft if tree is not None else None
         auto = draft is not None and tree == "auto"
         specs = [c.spec() for c in family()] if auto else \
@@ -158,9 +164,8 @@ class Engine:
 
     def _shapes(self, spec: TreeSpec) -> list[tuple[Runner, int]]:
         """(runner, rows) of every forward a step along `spec` runs: verify; the draft's window and levels."""
-        if isinstance(spec, NgramTree):
-            return [(self.target, rows) for rows in spec.sizes]
-        return [(self.target, spec.n)] + ([(self.draft, r) for r in (2, *spec.widths[1:])] if spec.drafts else [])
+        return [(self.target, rows) for rows in spec.sizes] + \
+            ([(self.draft, r) for r in (2, *spec.widths[1:])] if spec.drafts else [])
 
     def _compile(self, shapes: list[tuple[Runner, int]]) -> float:
         """Run, once, a forward of each (runner, rows) shape on scratch slots past the committed
@@ -244,22 +249,23 @@ class Engine:
         if self.tree.drafts and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
             self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
             clock.lap("catch_up")
-        if self.graphs is None or isinstance(self.tree, NgramTree):  # proposals made on the host: not capturable
+        if self.graphs is None or self.tree.looks_up:  # proposals made on the host: not capturable
             return Step(*self._step(sampling, generator, one_hot_draft, clock), clock.times)
         key = (self.tree.name, sampling, one_hot_draft, generator is not None)
         return Step(*self.graphs(key, lambda: self._step(sampling, generator, one_hot_draft, clock)), {})
 
     def _step(self, sampling: Sampling, generator: torch.Generator | None, one_hot_draft: bool, clock: Clock):
         """draft -> verify -> accept -> compact: (committed tokens, count, path, tree, levels)."""
-        seq, base = self.seq, self.seq.n - 1
-        if self.tree.drafts:
-            tree, q, levels = draft_tree(self.draft, self.tree, seq.tokens, seq.n, sampling, one_hot_draft,
+        seq, base, spec = self.seq, self.seq.n - 1, self.tree
+        tree, q, levels = None, None, 0
+        if spec.drafts:
+            tree, q, levels = draft_tree(self.draft, spec.grown, seq.tokens, seq.n, sampling, one_hot_draft,
                                          generator, self.draft_cutoff, self.masked_stop)
-        elif self.tree.max_depth:  # draft-free: continuations found in the committed text (tree.py)
-            tree, levels = self.tree.propose(seq.history), 0
-            q = tree.conf.new_zeros(1, 1)  # read by nothing: proposals take the one-hot rule
-        else:  # plain decoding: the root alone
-            tree, q, levels = self.tree.step._replace(tokens=seq.tokens[base.view(1)]), None, 0
+        elif not spec.looks_up:  # plain decoding: the root alone
+            tree = spec.step._replace(tokens=seq.tokens[base.view(1)])
+        if spec.looks_up:  # branches continuing the committed text (tree.py), beside the draft's or alone
+            tree = spec.extend(seq.history, tree)
+            q = q if q is not None else tree.conf.new_zeros(1, 1)  # read by nothing: proposals take the one-hot rule
         clock.lap("draft")
         logits = verify(self.target, tree, base)
         clock.lap("verify")
@@ -281,10 +287,11 @@ class Engine:
         return out, n_acc + 1, path, tree, levels
 
     def advance(self, step: Step) -> int:
-        """Read which tokens `step` committed (the one host read per step) and note them -> their count."""
-        count_and_tokens = torch.cat([step.count.view(1), step.tokens]).tolist()
-        n = count_and_tokens[0]
-        self.seq.advanced(count_and_tokens[1:1 + n], drafted=step.levels > 0)
+        """Read which tokens `step` committed, and the draft's cache rows of its path (the one host
+        read per step), and note them -> their count."""
+        n, *rest = torch.cat([step.count.view(1), step.tokens, step.tree.draft_row[step.path]]).tolist()
+        rows = rest[len(step.tokens):]
+        self.seq.advanced(rest[:n], rows[1:n - 1] if step.levels else None)
         return n
 
     # ------------------------------------------------------------------------------------
@@ -323,7 +330,7 @@ class Engine:
             stats.record(step, n)
             if config is not None:
                 stats.configs[config.name] += 1
-                self.auto.observe(config, step, n)
+                self.auto.observe(config, step, n, self.seq.history)
             new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)
             new = new if stop is None else new[: stop + 1]

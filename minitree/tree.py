@@ -124,10 +124,22 @@ class TreeSpec:
     def max_depth(self) -> int:
         return len(self.widths)
 
+    looks_up = False  # no branches from the committed text (NgramTree, MixedTree)
+
     @property
     def drafts(self) -> bool:
         """Whether a step along this spec runs the draft (the empty tree: plain decoding)."""
         return self.max_depth > 0
+
+    @property
+    def grown(self) -> "TreeSpec":
+        """What the draft grows (draft.py): this tree; a MixedTree's draft part."""
+        return self
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The row counts a verify along this spec may have (each one compiled target graph)."""
+        return (self.n,)
 
     def frontier(self, d: int, conf: torch.Tensor) -> torch.Tensor:
         """Candidate ids [widths[d]] that draft level d expands (d >= 1), given all confidences."""
@@ -362,7 +374,9 @@ class DynamicTree(TreeSpec):
 # most `nodes` nodes and `depth` levels. The target verifies it like any step tree and accept.py
 # takes the longest agreed path, so the output is the target's own; proposals are deterministic,
 # so sampling takes the one-hot rule. No model runs: the lookup scans the committed tokens on
-# the host (engine.Committed.history).
+# the host (engine.Committed.history). A MixedTree adds the same branches to the draft's tree of
+# each step: a continuation follows the draft's nodes while they hold its tokens and branches off
+# where they stop, so one verify checks both, and siblings still carry distinct tokens.
 NGRAM_DEFAULTS = dict(depth=8, nodes=12, branches=3, match=4, min=2)
 NGRAM_SYNTAX = "ngram or ngram:depth=8,nodes=12,branches=3,match=4,min=2 (any subset of the keys)"
 
@@ -374,6 +388,7 @@ class NgramTree:
     when the last `min` tokens occurred nowhere before."""
 
     drafts = False  # no draft model runs
+    looks_up = True
     topk_children = True  # deterministic proposals: sampling takes the one-hot rule
     widths: list[int] = []
     n_rows = 0  # draft cache rows
@@ -383,8 +398,10 @@ class NgramTree:
             raise TreeError(f"ngram tree: depth, nodes and branches must be >= 1, 1 <= min <= match, "
                             f"nodes < {MAX_NODES}")
         self.max_depth, self.n, self.branches, self.match, self.min_match = depth, nodes + 1, branches, match, min_match
-        self.sizes = sorted({1, min(5, self.n), self.n})  # rows a step may verify (compiled shapes)
-        self.name = f"ngram:depth={depth},nodes={nodes},branches={branches},match={match},min={min_match}"
+        self.sizes = tuple(sorted({1, min(6, self.n), self.n}))  # rows a step may verify (compiled shapes)
+        given = dict(depth=depth, nodes=nodes, branches=branches, match=match, min=min_match)
+        changed = ",".join(f"{k}={v}" for k, v in given.items() if v != NGRAM_DEFAULTS[k])
+        self.name = "ngram" + (":" + changed if changed else "")
         self.device = torch.device("cpu")
 
     @classmethod
@@ -417,48 +434,90 @@ class NgramTree:
                 return found
         return []
 
-    def propose(self, tokens: list[int]) -> StepTree:
-        """This step's tree: the root is the last committed token, the continuations its branches
-        (a trie, at most n nodes), padded with UNDRAFTED nodes (never accepted) to a size."""
-        node_tokens, parents, depth, counts = [tokens[-1]], [0], [0], [0]
-        child: dict[tuple[int, int], int] = {}
-        conts = self.continuations(tokens)
+    def extend(self, tokens: list[int], tree: StepTree | None = None, sizes: tuple[int, ...] | None = None,
+               max_depth: int | None = None) -> StepTree:
+        """This step's tree: `tree` (the draft's; None: the root alone, the last committed token)
+        with the continuations of `tokens` added as branches (a trie merged into it), at most
+        sizes[-1] nodes, padded with UNDRAFTED nodes (never accepted) to the smallest of `sizes`
+        that holds them. The draft's tree comes back as it is when nothing is added."""
+        sizes, max_depth = sizes or self.sizes, max_depth or self.max_depth
+        fields = ("tokens", "parents", "depth", "rank", "conf", "draft_row")
+        if tree is None:
+            node = dict(tokens=[tokens[-1]], parents=[0], depth=[0], rank=[0], conf=[1.0], draft_row=[0])
+        else:
+            node = {f: getattr(tree, f).tolist() for f in fields}
+        drafted = len(node["tokens"])
+        child = {(p, t): i for i, (p, t) in enumerate(zip(node["parents"], node["tokens"])) if i and t >= 0}
+        kids = [0] * drafted  # children per node
+        for p in node["parents"][1:]:
+            kids[p] += 1
+        conts, counts = self.continuations(tokens), {}
         for cont in conts:
             at = 0
             for tok in cont:
                 if (at, tok) not in child:
-                    if len(node_tokens) == self.n:
+                    if len(node["tokens"]) == sizes[-1]:
                         break
-                    child[at, tok] = len(node_tokens)
-                    node_tokens.append(tok)
-                    parents.append(at)
-                    depth.append(depth[at] + 1)
-                    counts.append(0)
+                    child[at, tok] = len(node["tokens"])
+                    for f, v in zip(fields, (tok, at, node["depth"][at] + 1, kids[at], 0.0, 0)):
+                        node[f].append(v)
+                    kids[at] += 1
+                    kids.append(0)
                 at = child[at, tok]
-                counts[at] += 1
-        real, n = len(node_tokens), next(s for s in self.sizes if s >= len(node_tokens))
-        node_tokens += [UNDRAFTED] * (n - real)
-        parents += [0] * (n - real)
-        depth += [1] * (n - real)
-        rank, seen = [0], {}
-        for p in parents[1:]:  # a child's rank among its parent's children, in node order
-            rank.append(seen.get(p, 0))
-            seen[p] = rank[-1] + 1
-        conf = [1.0] + [c / max(len(conts), 1) for c in counts[1:]]
+                counts[at] = counts.get(at, 0) + 1
+        if tree is not None and len(node["tokens"]) == drafted:
+            return tree
+        for i in range(drafted, len(node["tokens"])):  # a branch's confidence: the share of continuations through it
+            node["conf"][i] = counts[i] / len(conts)
+        pad = next(s for s in sizes if s >= len(node["tokens"])) - len(node["tokens"])
+        for f, v in zip(fields, (UNDRAFTED, 0, 1, None, 0.0, 0)):  # padding: undrafted children of the root
+            node[f] += list(range(kids[0], kids[0] + pad)) if f == "rank" else [v] * pad
+        kids[0] += pad
         t = lambda v, dtype=torch.long: torch.tensor(v, dtype=dtype, device=self.device)
-        return StepTree.build(t(node_tokens), t(parents), t(depth), t(rank), t(conf, torch.float32),
-                              torch.zeros(n, dtype=torch.long, device=self.device), self.max_depth, max(n - 1, 1))
+        return StepTree.build(*(t(node[f], torch.float32 if f == "conf" else torch.long) for f in fields),
+                              max_depth, max(max(kids), 1),
+                              candidates=None if tree is None else tree.candidates)
 
     def __repr__(self) -> str:
         return f"NgramTree({self.name})"
 
 
+class MixedTree:
+    """The draft's tree (a Tree or DynamicTree: `grown`) and n-gram branches (`ngram`) in one
+    verify, "<draft tree>+ngram[:...]". A step verifies the draft's nodes alone when the text
+    proposes nothing, else the two merged, padded to n = the draft's nodes + ngram's nodes + 1."""
+
+    drafts = looks_up = topk_children = True  # sampling takes the one-hot rule (n-gram proposals are not draws)
+
+    def __init__(self, grown: "TreeSpec", ngram: NgramTree):
+        if not grown.drafts:
+            raise TreeError("a mixed tree needs a draft tree beside its n-gram branches")
+        self.grown, self.ngram = grown, ngram
+        self.name = f"{grown.name}+{ngram.name}"
+        self.n = grown.n + ngram.n - 1
+        self.sizes = (grown.n, self.n)
+        self.max_depth = max(grown.max_depth, ngram.max_depth)
+        self.widths, self.n_rows = grown.widths, grown.n_rows
+
+    def to(self, device) -> "MixedTree":
+        return MixedTree(self.grown.to(device), self.ngram.to(device))
+
+    def extend(self, tokens: list[int], tree: StepTree) -> StepTree:
+        return self.ngram.extend(tokens, tree, self.sizes, self.max_depth)
+
+    def __repr__(self) -> str:
+        return f"MixedTree({self.name})"
+
+
 # ----------------------------------------------------------------------------------------
-def parse_tree(spec: "str | Path | list | TreeSpec | NgramTree") -> "TreeSpec | NgramTree":
-    """A static Tree ("2,2,1", a path list, a JSON file), a DynamicTree ("dynamic:...") or an
-    NgramTree ("ngram:...")."""
-    if isinstance(spec, (TreeSpec, NgramTree)):
+def parse_tree(spec: "str | Path | list | TreeSpec | NgramTree | MixedTree") -> "TreeSpec | NgramTree | MixedTree":
+    """A static Tree ("2,2,1", a path list, a JSON file), a DynamicTree ("dynamic:..."), an
+    NgramTree ("ngram:...") or a MixedTree ("<static or dynamic tree>+ngram[:...]")."""
+    if isinstance(spec, (TreeSpec, NgramTree, MixedTree)):
         return spec
+    if isinstance(spec, str) and "+" in spec:
+        grown, _, ngram = spec.rpartition("+")
+        return MixedTree(parse_tree(grown.strip()), NgramTree.parse(ngram))
     if isinstance(spec, str) and spec.strip().startswith("ngram"):
         return NgramTree.parse(spec)
     if isinstance(spec, str) and spec.strip().startswith("dynamic"):

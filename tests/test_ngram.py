@@ -1,5 +1,7 @@
-"""Draft-free trees (--tree ngram): proposals found in the committed text, verified like any tree,
-so greedy output is exactly plain decoding's and sampled output has the target's distribution."""
+"""Draft-free trees (--tree ngram) and mixed trees (the draft's tree plus n-gram branches, "dynamic+ngram"):
+proposals found in the committed text, verified like any tree, so greedy output is exactly plain
+decoding's and sampled output has the target's distribution; beside the draft's nodes, they leave
+the draft's cache exact for every slot it claims."""
 
 import json
 
@@ -8,7 +10,7 @@ import torch
 
 import minitree
 import minitree.accept
-from minitree.tree import UNDRAFTED, NgramTree
+from minitree.tree import UNDRAFTED, MixedTree, NgramTree, StepTree, Tree
 from reference import FAST, T1, chi_square_pvalue, generate, plain, prompt, sample_transitions, transition_matrix
 
 
@@ -32,13 +34,55 @@ def test_a_continuation_that_extends_another_replaces_it():
 def test_branches_share_their_prefixes_and_pad_to_a_compiled_size():
     spec = NgramTree(depth=3, nodes=8, branches=2, match=3, min_match=1)
     tokens = [1, 5, 6, 2, 9, 1, 5, 6, 3, 1, 5]  # after [1, 5]: [6, 3, 1] and [6, 2, 9]
-    tree = spec.propose(tokens)
-    assert spec.sizes == [1, 5, 9] and tree.tokens.numel() == 9
-    assert tree.tokens.tolist() == [5, 6, 3, 1, 2, 9] + [UNDRAFTED] * 3
-    assert tree.parents.tolist()[:6] == [0, 0, 1, 2, 1, 4] and tree.depth.tolist()[:6] == [0, 1, 2, 3, 2, 3]
+    tree = spec.extend(tokens)
+    assert spec.sizes == (1, 6, 9) and tree.tokens.tolist() == [5, 6, 3, 1, 2, 9]
+    assert tree.parents.tolist() == [0, 0, 1, 2, 1, 4] and tree.depth.tolist() == [0, 1, 2, 3, 2, 3]
     assert tree.children[1].tolist()[:2] == [2, 4]  # node 1 (token 6) has two children, ranks 0 and 1
-    plain_step = spec.propose([1, 2, 3])
+    padded = spec.extend([1, 5, 6, 1, 5])  # one continuation, [6, 1, 5]: four nodes in six rows
+    assert padded.tokens.tolist() == [5, 6, 1, 5, UNDRAFTED, UNDRAFTED] and padded.rank.tolist() == [0, 0, 0, 0, 1, 2]
+    plain_step = spec.extend([1, 2, 3])
     assert plain_step.tokens.tolist() == [3]  # nothing found: one row, plain decoding
+
+
+def test_branches_follow_the_drafts_nodes_and_branch_off_where_they_stop():
+    # the draft's tree: root 5 -> 6 (node 1) -> 3 (node 2); root -> 8 (node 3, rank 1)
+    drafted = StepTree.build(torch.tensor([5, 6, 3, 8]), torch.tensor([0, 0, 1, 0]), torch.tensor([0, 1, 2, 1]),
+                             torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 0.9, 0.5, 0.1]),
+                             torch.tensor([0, 1, 0, 0]), max_depth=2, k=2)
+    mixed = MixedTree(Tree.parse("1,1"), NgramTree(depth=3, nodes=4, branches=2, match=3, min_match=1))
+    assert mixed.sizes == (3, 7) and mixed.max_depth == 3
+    tree = mixed.extend([1, 5, 6, 2, 9, 1, 5, 6, 3, 1, 5], drafted)  # after [1, 5]: [6, 3, 1] and [6, 2, 9]
+    assert tree.tokens.tolist() == [5, 6, 3, 8, 1, 2, 9]  # [6, 3] were drafted: 1 hangs below node 2; 2 below node 1
+    assert tree.parents.tolist() == [0, 0, 1, 0, 2, 1, 5] and tree.rank.tolist() == [0, 0, 0, 1, 0, 1, 0]
+    assert tree.draft_row.tolist() == [0, 1, 0, 0, 0, 0, 0] and tree.paths.shape == (7, 4)
+    assert mixed.extend([1, 2, 3], drafted) is drafted  # nothing found: the draft's tree as it was
+
+
+def test_the_draft_caches_only_the_nodes_it_expanded():
+    """An accepted path through an n-gram branch: the draft cached the root and the nodes it expanded
+    up to the first n-gram node, never past it (the catch-up computes the rest)."""
+    seq = minitree.engine.Committed(64, "cpu")
+    seq.reset(list(range(10)))  # root at slot 9
+    seq.advanced([20, 21, 22, 23, 24], expanded=[3, 0, 7])  # nodes at depths 1-3; depth 2 was an n-gram node
+    assert seq.draft_cached == 9 + 1 + 1 and seq.length == 15
+    seq.advanced([30, 31, 32], expanded=[1, 2])  # the draft's own nodes: all but the last two slots
+    assert seq.draft_cached == seq.length - 2
+
+
+@pytest.mark.parametrize("spec", ["2,2,1+ngram", "dynamic:depth=3,width=2,k=2,nodes=5+ngram:depth=6,nodes=6"])
+def test_mixed_greedy_equals_plain_greedy_and_the_drafts_cache_stays_exact(pair, spec):
+    target, draft = pair
+    ids = prompt(30, 4) * 3
+    engine = minitree.Engine(target, draft, spec, compile=False, attention="sdpa", max_seq_len=512)
+    result = engine.generate(ids, 80)
+    assert result.tokens == plain(target, ids, 80)
+    assert result.stats.tau > 1.5 and result.stats.draft_forwards > 0
+    # every slot the draft claims as cached holds what a fresh prefill of the committed tokens computes
+    cached, fresh = engine.seq.draft_cached, minitree.Runner(draft, compile=False, attention="sdpa")
+    fresh.reserve(engine.draft.cache_len)
+    fresh.cache(engine.seq.tokens, 0, cached)
+    assert cached > len(ids) and torch.allclose(engine.draft.kv_cache[..., :cached, :], fresh.kv_cache[..., :cached, :],
+                                                atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["ngram", "ngram:depth=4,nodes=4,branches=2,match=2,min=1"])
@@ -51,19 +95,25 @@ def test_greedy_equals_plain_greedy(pair, spec):
     assert result.stats.tau > 1.5 and result.stats.draft_forwards == 0
 
 
-def test_sampling_matches_target_distribution(markov_pair):
-    counts, tau = sample_transitions(markov_pair[0], None, "ngram:depth=3,nodes=4,branches=2,match=2,min=1", T1)
+SAMPLED = [(False, "ngram:depth=3,nodes=4,branches=2,match=2,min=1"),
+           (True, "2,1+ngram:depth=3,nodes=4,branches=2,match=2,min=1")]
+
+
+@pytest.mark.parametrize("drafted, spec", SAMPLED)
+def test_sampling_matches_target_distribution(markov_pair, drafted, spec):
+    counts, tau = sample_transitions(markov_pair[0], markov_pair[1] if drafted else None, spec, T1)
     pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
-    print(f"ngram: tau {tau:.3f}, p-value {pvalue:.3g}")
+    print(f"{spec}: tau {tau:.3f}, p-value {pvalue:.3g}")
     assert tau > 1.1 and pvalue > 1e-3
 
 
-def test_negative_control_sampling_without_the_residual_update(markov_pair, monkeypatch):
+@pytest.mark.parametrize("drafted, spec", SAMPLED)
+def test_negative_control_sampling_without_the_residual_update(markov_pair, monkeypatch, drafted, spec):
     """A proposal rejected, its token must leave the distribution the bonus is drawn from."""
     monkeypatch.setattr(minitree.accept, "residual", lambda p, q: p)
-    counts, _ = sample_transitions(markov_pair[0], None, "ngram:depth=3,nodes=4,branches=2,match=2,min=1", T1)
+    counts, _ = sample_transitions(markov_pair[0], markov_pair[1] if drafted else None, spec, T1)
     pvalue = chi_square_pvalue(counts, transition_matrix(markov_pair[0], T1))
-    print(f"negative control, ngram without residual update: p-value {pvalue:.3g}")
+    print(f"negative control, {spec} without residual update: p-value {pvalue:.3g}")
     assert pvalue < 1e-6
 
 
@@ -74,9 +124,11 @@ def test_malformed_specs_are_reported(spec, message):
         minitree.parse_tree(spec)
 
 
-def test_an_ngram_tree_with_a_draft_is_refused(pair):
+def test_an_ngram_tree_with_a_draft_and_a_mixed_one_without_are_refused(pair):
     with pytest.raises(minitree.EngineError, match="without a draft"):
         minitree.Engine(*pair, "ngram", compile=False)
+    with pytest.raises(minitree.EngineError, match="it needs a draft"):
+        minitree.Engine(pair[0], None, "2,1+ngram", compile=False)
 
 
 def test_cli_without_a_draft_gives_plain_tokens(pair_dirs):

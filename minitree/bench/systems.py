@@ -25,18 +25,15 @@ LLAMA_CPP = re.compile(r"llama\.cpp(-(spec|lookup)(:\d+)?)?$")  # llama.cpp, lla
 
 
 def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
-    """'2,2,1@0.3+int8' -> ('2,2,1', 0.3, 'int8'); 'plain' -> (None, None, None); validates without
-    loading a model."""
-    name, plus, quant = name.partition("+")
-    if plus and quant not in QUANTIZE:
-        raise EngineError(f"system '{name}+{quant}': the target quantization after '+' must be one of "
-                          f"{', '.join(QUANTIZE)}")
-    quant = quant or None
+    """'2,2,1@0.3+int8' -> ('2,2,1', 0.3, 'int8'); '2,1+ngram@0.3' -> ('2,1+ngram', 0.3, None); 'plain' ->
+    (None, None, None); validates without loading a model."""
+    head, plus, quant = name.rpartition("+")
+    name, quant = (head, quant) if plus and quant in QUANTIZE else (name, None)
     if name == "plain" or name in HF_SYSTEMS or LLAMA_CPP.match(name):
         if quant and name != "plain":
             raise EngineError(f"system '{name}+{quant}': only minitree systems take a quantized target")
         return None, None, quant
-    tree, at, cutoff = name.partition("@")
+    tree, at, cutoff = name.rpartition("@") if "@" in name else (name, "", "")
     try:
         if tree != "auto":
             parse_tree(tree)
@@ -60,7 +57,7 @@ class MinitreeSystem:
     def __init__(self, name: str, targets: dict, draft: Runner, args):
         tree, cutoff, quant = system_parts(name)  # "2,2,1@0.1+int8": draft cutoff 0.1, int8 target
         self.name = name
-        draft_free = tree not in (None, "auto") and isinstance(parse_tree(tree), NgramTree)
+        draft_free = tree not in (None, "auto") and isinstance(parse_tree(tree), NgramTree)  # not a MixedTree
         self.engine = Engine(targets[quant], draft if tree and not draft_free else None, tree, max_seq_len=args.max_seq_len,
                              draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
         self.sampling, self.seed = Sampling(args.temperature), args.seed
