@@ -136,7 +136,7 @@ def hf_config(header: Header) -> dict:
     cfg.setdefault("vocab_size", header.fields.get("tokenizer.ggml.tokens"))
     cfg |= dict(model_type=arch, architectures=[ARCHITECTURES[arch]],
                 tie_word_embeddings=all(name != "output.weight" for name, *_ in header.tensors))
-    return cfg
+    return {k: v for k, v in cfg.items() if v is not None}  # absent, not null: transformers reads null as a value
 
 
 def hf_name(name: str) -> str:

@@ -3,7 +3,7 @@
 A step on a GPU is bound by kernel launches, not by arithmetic: the point of trees there is
 that extra verify rows are nearly free, and a replayed graph launches the whole step (every
 draft level, verify, accept, compact) at once. The step is capture-safe: no host read, no
-data-dependent shape, no host-device copy inside it (tests/test_capture.py checks it on the
+data-dependent shape, no host-device copy inside it (tests/test_capture_safe.py checks it on the
 CPU); everything it reads or writes lives at fixed addresses (the committed tokens and their
 count, both KV caches, the tree's tensors, the random generator's state), so a graph captured
 once serves every later step of its configuration. What stays outside: the draft catching up

@@ -48,7 +48,7 @@ def pair(pair_dirs):
 
 @pytest.fixture(scope="session")
 def markov_pair(tmp_path_factory):
-    """Models without decoder layers (test_sampling.py): the next token depends on the last one only."""
+    """Models without decoder layers (test_sampling_lossless.py): the next token depends on the last one only."""
     root = tmp_path_factory.mktemp("markov")
     kw = dict(num_hidden_layers=0, vocab_size=32, tie_word_embeddings=False)
     save_random(root / "target", "llama", seed=11, head_scale=10.0, **kw)

@@ -1,6 +1,6 @@
 """What the tests share: the references exactness tests compare with (plain decoding, a plain
 causal forward), their prompts, generate.py as a user runs it, and the distribution test of
-lossless sampling (test_sampling.py)."""
+lossless sampling (test_sampling_lossless.py)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def causal(model, flex: bool = False, cache_len: int = 256):
 
 
 # ----------------------------------------------------------------------------------------
-# Lossless sampling, tested on Markov models (test_sampling.py's docstring)
+# Lossless sampling, tested on Markov models (test_sampling_lossless.py's docstring)
 
 V = 32  # the vocabulary of conftest.markov_pair
 # Sample sizes: at these, the negative controls below are rejected far beyond their 1e-6 bar (p-values

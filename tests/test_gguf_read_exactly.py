@@ -177,7 +177,7 @@ def test_compiled_quantized_target_equals_eager(quantized_pair):
 
 @pytest.fixture(scope="module")
 def quantized_markov_pair(tmp_path_factory):
-    """test_sampling's Markov models (no decoder layers), their lm_heads in Q4_K (target) and Q8_0 (draft)."""
+    """test_sampling_lossless's Markov models (no decoder layers), their lm_heads in Q4_K (target) and Q8_0 (draft)."""
     root = tmp_path_factory.mktemp("gguf-markov")
     kw = dict(num_hidden_layers=0, vocab_size=32, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
     hf = save_random(root / "target", "qwen2", seed=11, head_scale=10.0, **kw)
