@@ -18,8 +18,8 @@ every few steps:
   candidates score every configuration at once. Levels deeper than the ones drafted are
   extrapolated from the draft's mean child probability per rank; while the deepest level is
   often accepted, every DEEPER-th step drafts deeper, so that those levels are seen too;
-- what a configuration did when it ran: its committed tokens and seconds per step, which
-  outweigh the model's prediction once it has run a few steps (TRUST).
+- what a configuration did when it ran: its committed tokens and seconds per step (the draft's
+  catch-up included), which outweigh the model's prediction once it has run a few steps (TRUST).
 
 The family: plain decoding, and dynamic trees of k children, width 1 (the first-choice path
 with its siblings: one draft row per level) or 2, with every depth in DEPTHS and verify budget
@@ -159,8 +159,13 @@ class Auto:
         return sum(self.draft_cost(w) for w in (2, *widths[1:])) + len(widths) * self.draft_extra
 
     def verify_extra_at(self, rows: int) -> float:
-        """Seconds a verify of `rows` rows takes beyond its linear layers: learned, or the prior."""
-        return self.verify_extra.get(rows, self.extra_prior * self.verify_cost(rows))
+        """Seconds a verify of `rows` rows takes beyond its linear layers: learned; for a row count not
+        timed yet, the nearest timed one's share of its probed cost (none timed: the prior's)."""
+        if rows in self.verify_extra:
+            return self.verify_extra[rows]
+        near = min(self.verify_extra, key=lambda r: abs(r - rows), default=None)
+        share = self.extra_prior if near is None else self.verify_extra[near] / max(self.verify_cost(near), 1e-9)
+        return share * self.verify_cost(rows)
 
     def verify_seconds(self, rows: int) -> float:
         return self.verify_cost(rows) + self.verify_extra_at(rows)
@@ -231,7 +236,9 @@ class Auto:
             run = self.runs.setdefault(config.name, [0.0, 0.0, 0.0])
             run[0] += 1
             run[1] += n  # the accepted nodes with the root: the committed tokens
-            run[2] += draft_s + verify_s
+            # and the draft catching up on tokens it did not cache (after steps without it, or an accepted
+            # n-gram branch), up to one 32-row draft forward: a longer one is the prompt's, paid once per text
+            run[2] += draft_s + verify_s + min(step.times.get("catch_up", 0.0), self.draft_cost(32))
             # per row count: what a verify costs beyond its linear layers (attention, logits, norms)
             # grows with its rows, so eight rows' extra must not be charged to plain decoding's one
             rows = tree.tokens.numel()

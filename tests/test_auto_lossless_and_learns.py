@@ -86,7 +86,9 @@ def test_calibration_and_prediction():
         a.observe(Config(2, 3), step([1.0, 0.92, 0.92, 0.92], [0, 1, 1], candidates, 2, dict(draft=0.1, verify=0.2)), 2, HISTORY)
     assert a.acceptance(0.92) == pytest.approx(1 / 3, abs=0.02)
     assert a.verify_extra[4] == pytest.approx(0.0, abs=1e-3)  # 4-row verifies took their probed 0.2 s
-    assert a.predicted(Config(0, 0)) == pytest.approx(1 / (0.2 + 0.3 * 0.2))  # one row: not timed yet, the prior
+    # one row, not timed yet: the nearest timed row count's overhead share (4 rows: none), not the prior's 30%
+    assert a.predicted(Config(0, 0)) == pytest.approx(1 / 0.2)
+    assert Auto(lambda rows: 0.05, lambda rows: 0.2).predicted(Config(0, 0)) == pytest.approx(1 / (0.2 + 0.3 * 0.2))
     # a configuration that ran is predicted from what it did: 2 tokens per 0.3 s step
     assert a.predicted(Config(2, 3)) == pytest.approx(2 / 0.3, rel=0.02)
     assert a.modelled(Config(2, 3))[0] == pytest.approx(1 + 3 * (1 / 3), rel=0.05)
