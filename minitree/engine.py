@@ -227,6 +227,12 @@ class Engine:
         stats.compile_s += self._compile(self._shapes(self.tree))
         return config
 
+    def _observe(self, config: Config | None, step: Step, n: int, stats: Stats) -> None:
+        """Tree auto: what the step along `config` drafted, committed and cost, to auto and to stats."""
+        if config is not None:
+            stats.configs[config.name] += 1
+            self.auto.observe(config, step, n, self.seq.history)
+
     def _stance(self):
         """Once every shape of a step along self.tree is compiled, Dynamo checks only the guards that
         tell its compiled graphs apart (a tenth of a plain step's time on a 2-core CPU): nothing else
@@ -328,9 +334,7 @@ class Engine:
             n = self.advance(step)
             stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
             stats.record(step, n)
-            if config is not None:
-                stats.configs[config.name] += 1
-                self.auto.observe(config, step, n, self.seq.history)
+            self._observe(config, step, n, stats)
             new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)
             new = new if stop is None else new[: stop + 1]
