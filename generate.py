@@ -102,9 +102,9 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     if checkpoint is None:
         checkpoint, draft = DEFAULT_TARGET, draft or (None if draft_free else DEFAULT_DRAFT)
     draft = None if draft == "none" else draft
-    if use_tree and draft is None and not draft_free:
+    if use_tree and draft is None and not draft_free and tree != "auto":
         raise minitree.EngineError("--tree needs a --draft model (or pass --tree none for plain decoding, "
-                                   "--tree ngram for draft-free trees)")
+                                   "--tree ngram or auto for draft-free trees)")
     torch_dtype = getattr(torch, dtype)
     if device == "cpu" and not dequantize:  # GGUF files run on minitree's kernels: built while the models download
         build_in_background()

@@ -101,10 +101,13 @@ def _ngram_sizes(nodes: int) -> tuple[int, ...]:
     return NgramTree(nodes=nodes).sizes
 
 
-def family() -> list[Config]:
+def family(drafts: bool = True) -> list[Config]:
     """Plain decoding, the dynamic trees, n-gram branches alone, and each dynamic tree with n-gram
-    branches up to MIXED_TOTALS nodes (verify shapes the dynamic trees compile too)."""
+    branches up to MIXED_TOTALS nodes (verify shapes the dynamic trees compile too); without a
+    draft (drafts=False), plain decoding and n-gram branches alone."""
     configs = [Config(0, 0)]
+    if not drafts:
+        return configs + [Config(0, 0, ngram=NGRAM_NODES)]
     for w in WIDTHS:
         for d in DEPTHS[w == 1:]:  # at depth 1, every width drafts the same tree
             spec = DynamicTree(d, w, K, 1)
@@ -146,7 +149,8 @@ class Auto:
         mids = [(a + min(b, 1.0)) / 2 for a, b in zip(EDGES, EDGES[1:])]
         self.hits = [PRIOR_WEIGHT * m for m in mids]
         self.seen = [PRIOR_WEIGHT] * len(mids)
-        self.current = next(c for c in self.configs if c.depth == 4 and c.nodes == 7)
+        # the start: a middling tree, or without a draft, n-gram branches (as cheap as plain decoding when none is found)
+        self.current = next((c for c in self.configs if c.depth == 4 and c.nodes == 7), self.configs[-1])
         self.draft_extra = self.extra_prior * self.draft_cost(1)  # a prior, until steps are timed
 
     # ------------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class Auto:
             gain = SWITCH_GAIN if (best.depth > 0) == (self.current.depth > 0) else DRAFT_SWITCH_GAIN
             if self.predicted(best) > gain * self.predicted(self.current):
                 self.current = best
-        if self.current.depth == 0 and self.steps % EXPLORE == 0:  # RARELY is a multiple of EXPLORE
+        if self.current.depth == 0 and self.steps % EXPLORE == 0 and any(c.depth for c in self.configs):
             tree = self.best(speculative=True)
             close = self.predicted(tree) >= CLOSE * self.predicted(self.current)
             if close or self.steps % RARELY == 0:  # a look at what the draft would do now

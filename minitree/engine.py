@@ -82,12 +82,14 @@ class Committed:
 
 class Engine:
     """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree` (a static
-    Tree, a DynamicTree, their text specs: "2,2,1", "dynamic:depth=6,width=2,k=4,nodes=10", or
-    "auto": chosen every few steps for this machine and this text, auto.py).
+    Tree, a DynamicTree, an NgramTree, a MixedTree, their text specs: "2,2,1", "dynamic:depth=6,
+    width=2,k=4,nodes=10", "ngram", "dynamic+ngram", or "auto": chosen every few steps for this
+    machine and this text, auto.py).
 
     `target` and `draft` are models (each gets a Runner of its own, built from `compile`,
     `attention`, `plan` and `prefill_chunks`: runner.py) or Runners (shared with other engines,
-    as bench.py does). With draft=None (or tree=None) the engine decodes plainly. `draft_lossy`:
+    as bench.py does). With tree=None the engine decodes plainly; with draft=None, so do trees the
+    draft grows, n-gram trees propose from the text and "auto" chooses between the two. `draft_lossy`:
     lossy weight forms may serve the draft where measured cheaper (default: on CPU); the output
     does not change. `draft_cutoff`: stop drafting a step once no node of the next level reaches
     this draft confidence. Prompt + output must fit in max_seq_len. `cuda_graphs`: on a GPU, each
@@ -116,8 +118,9 @@ class Engine:
         if isinstance(spec, MixedTree) and draft is None:
             raise EngineError(f"tree {spec.name} mixes the draft's tree with n-gram branches: it needs a draft")
         draft = draft if tree is not None else None
-        auto = draft is not None and tree == "auto"
-        specs = [c.spec() for c in family()] if auto else \
+        auto = tree == "auto"  # without a draft: plain decoding or n-gram branches, chosen alike
+        configs = family(drafts=draft is not None) if auto else []
+        specs = [c.spec() for c in configs] if auto else \
             [spec if spec is not None and (draft is not None or not spec.drafts) else Tree([])]
 
         def runner(model, name: str, lossy: bool) -> Runner:
@@ -139,8 +142,9 @@ class Engine:
         cache_len = -(-(max_seq_len + pad) // BLOCK) * BLOCK
         for r in runners:
             r.reserve(cache_len)
-        self.auto = Auto(self.draft.plan.cost, self.target.plan.cost,
-                         seconds=bool(self.draft.plan.costs and self.target.plan.costs)) if auto else None
+        draft_cost = self.draft.plan.cost if self.draft else lambda rows: 0.0
+        measured = bool(self.target.plan.costs) and (self.draft is None or bool(self.draft.plan.costs))
+        self.auto = Auto(draft_cost, self.target.plan.cost, seconds=measured, configs=configs) if auto else None
         self.seq = Committed(cache_len, self.device)
         gpu = self.device.type == "cuda"
         self.generator = torch.Generator(device=self.device)  # one object: a captured graph keeps its state

@@ -41,8 +41,8 @@ def test_sampling_matches_target_while_switching(markov_pair, monkeypatch):
 def cheap_draft_costs(monkeypatch):
     """Engines made next price steps with costs shaped like the CPU's: a draft forward a fifth of a
     target forward (unmeasured: step timings do not outweigh them)."""
-    def auto(draft_cost, verify_cost, seconds):
-        a = Auto(lambda rows: 0.2 + 0.01 * rows, lambda rows: 1.0 + 0.02 * rows, seconds=False)
+    def auto(draft_cost, verify_cost, seconds, configs):
+        a = Auto(lambda rows: 0.2 + 0.01 * rows, lambda rows: 1.0 + 0.02 * rows, seconds=False, configs=configs)
         a.draft_extra = a.extra_prior = 0.0
         return a
 

@@ -85,6 +85,15 @@ def test_mixed_greedy_equals_plain_greedy_and_the_drafts_cache_stays_exact(pair,
                                                 atol=1e-5)
 
 
+def test_auto_without_a_draft_chooses_between_plain_decoding_and_branches(pair):
+    target, _ = pair
+    ids = prompt(30, 4) * 3
+    result = minitree.Engine(target, None, "auto", compile=False, attention="sdpa", max_seq_len=512).generate(ids, 80)
+    assert result.tokens == plain(target, ids, 80)
+    assert set(result.stats.configs) <= {"plain", "ngram:nodes=10"} and result.stats.draft_forwards == 0
+    assert result.stats.configs["ngram:nodes=10"] > 0 and result.stats.tau > 1.5
+
+
 @pytest.mark.parametrize("spec", ["ngram", "ngram:depth=4,nodes=4,branches=2,match=2,min=1"])
 def test_greedy_equals_plain_greedy(pair, spec):
     """A prompt that repeats itself, so that proposals are found and accepted."""
