@@ -79,7 +79,8 @@ def summary(result: minitree.Result, engine: minitree.Engine, compile_s: float, 
         table.add_row("accepted length", hist)
         off_first = 1 - s.accepted_ranks[0] / max(sum(s.accepted_ranks.values()), 1)
         table.add_row("accepted shape", f"depth {s.tau - 1:.2f} per step, rank {s.mean_accepted_rank:.2f} on average "
-                                        f"({100 * off_first:.0f}% of accepted nodes off the first choice)")
+                                        f"({100 * off_first:.0f}% of accepted nodes off the first choice, "
+                                        f"{s.from_ngram} of {sum(s.accepted_ranks.values())} from n-gram branches)")
         per_depth = " ".join(f"{a:.2f}" for a in s.acceptance_per_depth(engine.max_depth))
         table.add_row("acceptance by depth", per_depth)
     split = "  ".join(f"{k} {v:.2f}s" for k, v in s.time_s.items())

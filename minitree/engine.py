@@ -337,7 +337,7 @@ class Engine:
                 step = self.step(sampling, generator, one_hot_draft)
             n = self.advance(step)
             stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
-            stats.record(step, n)
+            stats.record(step, n, self.tree.ngram_from)
             self._observe(config, step, n, stats)
             new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
             stop = next((i for i, tok in enumerate(new) if tok in eos), None)

@@ -61,18 +61,21 @@ class Stats:
     compile_s: float = 0.0  # compiling shapes first used mid-decode (tree auto), not in decode_s
     accepted: Counter = field(default_factory=Counter)  # accepted draft nodes per step -> count
     accepted_ranks: Counter = field(default_factory=Counter)  # child rank of each accepted node -> count
+    from_ngram: int = 0  # accepted nodes that n-gram branches proposed (the others: the draft's)
     prefill_s: float = 0.0
     first_token_s: float = 0.0  # from the call to the first committed token (prefill + first step)
     # phases of decoding; catch_up: the draft caching the tokens committed while it did not draft
     # (the prompt, deferred from prefill; tree auto's plain steps)
     time_s: dict = field(default_factory=lambda: dict.fromkeys(PHASES + ("other",), 0.0))
 
-    def record(self, step: Step, n: int) -> None:
-        """Count one step that committed n tokens."""
+    def record(self, step: Step, n: int, ngram_from: int) -> None:
+        """Count one step that committed n tokens; its tree's nodes from `ngram_from` on were n-gram branches."""
         self.target_forwards += 1
         self.draft_forwards += step.levels
         self.accepted[n - 1] += 1
-        self.accepted_ranks.update(step.tree.rank[step.path[1:n]].tolist())
+        path = step.path[1:n]
+        self.accepted_ranks.update(step.tree.rank[path].tolist())
+        self.from_ngram += sum(node >= ngram_from for node in path.tolist())
         for phase, seconds in step.times.items():
             self.time_s[phase] += seconds
 
@@ -101,7 +104,7 @@ class Stats:
                     accepted_histogram={int(k): v for k, v in sorted(self.accepted.items())},
                     acceptance_per_depth=self.acceptance_per_depth(max_depth), configs=dict(self.configs),
                     compile_s=self.compile_s,
-                    accepted_ranks={int(k): v for k, v in sorted(self.accepted_ranks.items())},
+                    accepted_ranks={int(k): v for k, v in sorted(self.accepted_ranks.items())}, from_ngram=self.from_ngram,
                     prefill_s=self.prefill_s, first_token_s=self.first_token_s, decode_s=self.decode_s,
                     tokens_per_s=self.new_tokens / max(self.decode_s, 1e-9), time_s=dict(self.time_s))
 

@@ -125,6 +125,7 @@ class TreeSpec:
         return len(self.widths)
 
     looks_up = False  # no branches from the committed text (NgramTree, MixedTree)
+    ngram_from = MAX_NODES  # a step tree's nodes from this index on are n-gram branches: none
 
     @property
     def drafts(self) -> bool:
@@ -389,6 +390,7 @@ class NgramTree:
 
     drafts = False  # no draft model runs
     looks_up = True
+    ngram_from = 1  # every node but the root
     topk_children = True  # deterministic proposals: sampling takes the one-hot rule
     widths: list[int] = []
     n_rows = 0  # draft cache rows
@@ -495,7 +497,7 @@ class MixedTree:
         self.grown, self.ngram = grown, ngram
         self.name = f"{grown.name}+{ngram.name}"
         self.n = grown.n + ngram.n - 1
-        self.sizes = (grown.n, self.n)
+        self.sizes, self.ngram_from = (grown.n, self.n), grown.n
         self.max_depth = max(grown.max_depth, ngram.max_depth)
         self.widths, self.n_rows = grown.widths, grown.n_rows
 

@@ -77,6 +77,7 @@ def test_mixed_greedy_equals_plain_greedy_and_the_drafts_cache_stays_exact(pair,
     result = engine.generate(ids, 80)
     assert result.tokens == plain(target, ids, 80)
     assert result.stats.tau > 1.5 and result.stats.draft_forwards > 0
+    assert 0 < result.stats.from_ngram < sum(result.stats.accepted_ranks.values())  # both sources accepted
     # every slot the draft claims as cached holds what a fresh prefill of the committed tokens computes
     cached, fresh = engine.seq.draft_cached, minitree.Runner(draft, compile=False, attention="sdpa")
     fresh.reserve(engine.draft.cache_len)
@@ -102,6 +103,7 @@ def test_greedy_equals_plain_greedy(pair, spec):
     result = minitree.Engine(target, None, spec, compile=False, attention="sdpa", max_seq_len=512).generate(ids, 80)
     assert result.tokens == plain(target, ids, 80)
     assert result.stats.tau > 1.5 and result.stats.draft_forwards == 0
+    assert result.stats.from_ngram == sum(result.stats.accepted_ranks.values())  # every accepted node
 
 
 SAMPLED = [(False, "ngram:depth=3,nodes=4,branches=2,match=2,min=1"),

@@ -57,6 +57,8 @@ def summarize(runs: dict, systems: list, prompt_sets: list[str]) -> dict:
                 split = {k: sum(st["time_s"][k] for st in stats) for k in stats[0]["time_s"]}
                 split["prefill"] = sum(st["prefill_s"] for st in stats)
                 row["time_split"] = {k: v / total for k, v in split.items()}
+                accepted = sum(sum(st["accepted_ranks"].values()) for st in stats)
+                row["from_ngram"] = sum(st["from_ngram"] for st in stats) / max(accepted, 1)  # accepted nodes' share
                 configs = Counter()
                 for st in stats:
                     configs.update(st["configs"])
