@@ -39,7 +39,7 @@ import bisect
 import functools
 from dataclasses import dataclass, field
 
-from .tree import NGRAM_DEFAULTS, DynamicTree, MixedTree, NgramTree, Tree, TreeSpec
+from .tree import DynamicTree, MixedTree, NgramTree, Tree, TreeSpec
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8)
 NODES = (1, 3, 5, 7, 10, 15)
@@ -67,21 +67,18 @@ class Config:
     width: int = 2
     ngram: int = 0  # n-gram nodes beside them (0: none)
 
-    @property
-    def name(self) -> str:
-        """spec().name, without building the spec (choosing reads every configuration's name)."""
-        ngram = "ngram" + (f":nodes={self.ngram}" if self.ngram != NGRAM_DEFAULTS["nodes"] else "")
-        if self.depth == 0:
-            return ngram if self.ngram else "plain"
-        grown = f"dynamic:depth={self.depth},width={self.width},k={K},nodes={self.nodes}"
-        return f"{grown}+{ngram}" if self.ngram else grown
-
+    @functools.cached_property
     def spec(self) -> TreeSpec | NgramTree | MixedTree:
+        """The tree this configuration verifies (built once: choosing reads every configuration's name)."""
         ngram = NgramTree(nodes=self.ngram) if self.ngram else None
         if self.depth == 0:
             return ngram or Tree([], name="plain")
         grown = DynamicTree(self.depth, self.width, K, self.nodes)
         return MixedTree(grown, ngram) if ngram else grown
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,11 +91,6 @@ def _widths(depth: int, width: int) -> tuple[int, ...]:
 def _cand_depth(depth: int, width: int) -> tuple[int, ...]:
     """The depth of each candidate a dynamic tree drafts, in slot order."""
     return tuple(DynamicTree(depth, width, K, 1).cand_depth.tolist())
-
-
-@functools.lru_cache(maxsize=None)
-def _ngram_sizes(nodes: int) -> tuple[int, ...]:
-    return NgramTree(nodes=nodes).sizes
 
 
 def family(drafts: bool = True) -> list[Config]:
@@ -181,7 +173,7 @@ class Auto:
         found, looked_up = self.found / max(self.lookups, 1e-9), self.looked_up / max(self.lookups, 1e-9)
         if c.depth == 0 and c.ngram:  # the smallest size holding the mean trie (NgramTree.sizes)
             trie = min(self.trie / max(self.found, 1e-9), c.ngram) + 1
-            size = min(s for s in _ngram_sizes(c.ngram) if s >= trie)
+            size = min(s for s in c.spec.sizes if s >= trie)
             return 1.0 + looked_up, (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
         verify = self.verify_seconds(rows)
         if c.depth == 0:
@@ -229,7 +221,7 @@ class Auto:
         proposed at its root, and (when the engine times its steps) what drafting and verifying cost."""
         tree, levels = step.tree, step.levels
         path = step.path[:n].tolist()
-        accepted, drafted = set(path), tree.tokens.numel() if not config.ngram else config.nodes + 1
+        accepted, drafted = set(path), config.spec.ngram_from  # nodes below it are the draft's
         self._look_up(history, len(history) - n - 1,
                       next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
         timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable

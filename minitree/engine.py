@@ -120,7 +120,7 @@ class Engine:
         draft = draft if tree is not None else None
         auto = tree == "auto"  # without a draft: plain decoding or n-gram branches, chosen alike
         configs = family(drafts=draft is not None) if auto else []
-        specs = [c.spec() for c in configs] if auto else \
+        specs = [c.spec for c in configs] if auto else \
             [spec if spec is not None and (draft is not None or not spec.drafts) else Tree([])]
 
         def runner(model, name: str, lossy: bool) -> Runner:
@@ -205,7 +205,7 @@ class Engine:
 
     def _spec(self, config: Config) -> TreeSpec:
         if config.name not in self.specs:
-            self.specs[config.name] = config.spec().to(self.device)
+            self.specs[config.name] = config.spec.to(self.device)
         return self.specs[config.name]
 
     @contextlib.contextmanager
