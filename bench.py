@@ -207,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--systems", help="';'-separated list of: plain, auto, a tree spec (2,2,1, a path list, "
-                   "dynamic:...; ngram:... without the draft; '@C' sets its draft cutoff), hf, hf-assisted, llama.cpp, "
+                   "dynamic:...; ngram:... without the draft; dynamic+ngram...; '@C' sets its draft cutoff), hf, "
+                   "hf-assisted, llama.cpp, "
                    "llama.cpp-spec[:N], llama.cpp-lookup[:N]; '+int8' or '+int4' after a minitree "
                    "system quantizes its target; plain is always added "
                    f"(default: plain;{';'.join(CHAINS + TREES + DYNAMIC)};hf;hf-assisted)")

@@ -184,10 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer; "
                    "'none': no draft model (with --tree ngram or none)")
     p.add_argument("--tree", default="auto", help="'auto': chosen online for this machine and text among plain "
-                   "decoding and dynamic trees; branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
+                   "decoding, dynamic trees, n-gram branches and the two mixed (without a draft: plain or "
+                   "n-gram); branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
                    "a JSON file of paths; a per-step tree grown from the draft's confidence "
                    f"({minitree.tree.DYNAMIC_SYNTAX}); draft-free trees of continuations found earlier in the "
-                   f"text, no draft model ({minitree.tree.NGRAM_SYNTAX}); or 'none' for plain decoding "
+                   f"text, no draft model ({minitree.tree.NGRAM_SYNTAX}); a draft tree plus n-gram branches "
+                   "('dynamic+ngram', '2,2,1+ngram:nodes=8'); or 'none' for plain decoding "
                    "(default: %(default)s)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
