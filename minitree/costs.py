@@ -61,12 +61,11 @@ def settings(model, lossy: bool = False) -> list[str]:
     that dtype) and fp32 copies; lossy int8/int4 copies where the runner may approximate (a draft),
     and q4 copies (Q4_1 on minitree's integer kernel) where that kernel builds. A quantized model
     keeps its own exact kernel: no float copies; a GGUF one may take that kernel's AMX path ("tiles")."""
-    w = model.model.embed_tokens.weight
     found = ["native"]
-    cpu = w.device.type == "cpu"
+    cpu = model.device.type == "cpu"
     quantized = any(m.quantized for m in form_layers(model))
-    if cpu and not quantized and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
-        found += ["gemv", "packed", "fp32"] if packs(w.dtype) else ["gemv", "fp32"]
+    if cpu and not quantized and model.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        found += ["gemv", "packed", "fp32"] if packs(model.dtype) else ["gemv", "fp32"]
     if cpu and any(m.form("tiles") == "tiles" for m in form_layers(model)) and "amx" in kernels().int_paths():
         found.append("tiles")
     if lossy and cpu:
@@ -79,9 +78,9 @@ def settings(model, lossy: bool = False) -> list[str]:
 
 
 def probe_key(model, lossy: bool = False) -> str:
-    a, w = model.args, model.model.embed_tokens.weight
+    a = model.args
     signature = dict(machine={k: v for k, v in machine().items() if k != "flags"}, torch=torch.__version__,
-                     threads=torch.get_num_threads(), device=str(w.device), dtype=str(w.dtype),
+                     threads=torch.get_num_threads(), device=str(model.device), dtype=str(model.dtype),
                      shape=[a.n_layers, a.dim, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
                             model.lm_head.out_features],
                      quantized=quant_kinds(model, code=True), settings=settings(model, lossy), rows=PROBED_ROWS,
@@ -100,13 +99,12 @@ def _run_all(mods, xs: dict) -> None:
 def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
     """Seconds of one forward's linear layers at each of PROBED_ROWS, per kernel setting (inf where not
     timed), for a runner's model (its layers are FormLinear)."""
-    w = model.model.embed_tokens.weight
     sub = list(model.model.layers)[:layers]
     scale = model.args.n_layers / len(sub)
     mods, head = form_layers(torch.nn.ModuleList(sub)), form_layers(torch.nn.ModuleList([model.lm_head]))[0]
 
     def sync():
-        if w.device.type == "cuda":
+        if model.device.type == "cuda":
             torch.cuda.synchronize()
 
     def timed(fn) -> float:
@@ -136,7 +134,7 @@ def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[st
             xs = {}
             for m in mods + [head]:
                 f = m.in_features
-                xs.setdefault(f, torch.randn(1, r, f, dtype=w.dtype, device=w.device))
+                xs.setdefault(f, torch.randn(1, r, f, dtype=model.dtype, device=model.device))
             with onednn(setting != "gemv"):
                 t_layers = timed(functools.partial(_run_all, run_mods, xs))
                 t_head = timed(functools.partial(_run_all, [run_head], xs))

@@ -212,8 +212,10 @@ class GGUFLinear(QuantLinear):
         y = self.mm(x.reshape(rows, -1), self.groups, self.qtype, self.out_features, path).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
-    def dequantize(self) -> torch.Tensor:
-        return kernels().int_dequantize(self.groups, self.qtype, self.in_features, self.out_features)
+    def dequantize(self, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Its weights [out, in] in fp32, exactly as the file defines them; or only those of `outputs` [n]."""
+        outputs = torch.arange(self.out_features) if outputs is None else outputs
+        return kernels().int_dequantize(self.groups, self.qtype, self.in_features, outputs)
 
     @classmethod
     def quantized(cls, linear: nn.Linear, kind: str) -> GGUFLinear:
@@ -227,6 +229,19 @@ class GGUFLinear(QuantLinear):
         bias = None if self.bias is None else self.bias[:k].detach()
         return GGUFLinear(self.groups[: -(-k // 16)].clone(), self.kind.removeprefix("gguf-"), self.in_features, k,
                           bias, self.dtype)
+
+
+class GGUFEmbedding(nn.Module):
+    """A token embedding held as a GGUF tensor's blocks (`table`: a GGUFLinear whose outputs are the
+    vocabulary; a tied model's lm_head is that same layer): a lookup dequantizes only the rows it reads,
+    as the file defines them, in the activations' dtype. The table is never held in floats."""
+
+    def __init__(self, table: GGUFLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantize(tokens).to(self.table.dtype)
 
 
 # ----------------------------------------------------------------------------------------

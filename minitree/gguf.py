@@ -10,8 +10,9 @@ row's output has the same bits whatever else shares the forward, on every instru
 Supported quantized types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K (the default pair's files hold
 Q4_K, Q6_K, Q5_0 and Q8_0; SmolLM2's Q4_1); float tensors (F32, F16, BF16) load as float weights.
 A linear layer of another type is refused with one line naming the tensor and its type
-(`dequantize=True` loads any type transformers reads, as float weights). The token embedding is
-dequantized once to the activations' dtype.
+(`dequantize=True` loads any type transformers reads, as float weights). The token embedding keeps
+its blocks too (`GGUFEmbedding`: the rows a forward looks up are dequantized, the table never is);
+a tied model's lm_head is the same layer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from torch import nn
 
 from .config import from_hf_config
 from .errors import ConfigError, LoadError
-from .forms import GGUFLinear
-from .kernels import kernels
+from .forms import GGUFEmbedding, GGUFLinear
 
 SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
@@ -195,12 +195,13 @@ def read_gguf(file: Path, dtype: torch.dtype, dequantize: bool = False):
                             f"(supported: {', '.join(SUPPORTED + FLOATS)}); load the file dequantized (--dequantize)")
         elif dequantize:
             tensors[name] = torch.from_numpy(dequantize_numpy(data, qtype)).reshape(shape)
-        elif name.startswith("model.embed_tokens"):  # looked up, not multiplied: dequantized once
-            groups = kernels().int_repack(torch.from_numpy(np.array(data)), code, shape[1])
-            tensors[name] = kernels().int_dequantize(groups, code, shape[1], shape[0])
         else:  # regrouped one tensor at a time: the file's blocks are not kept
             layers[name.removesuffix(".weight")] = GGUFLinear.from_blocks(torch.from_numpy(np.array(data)), kind,
                                                                           shape[1], None, dtype)
+    if isinstance(table := layers.get("model.embed_tokens"), GGUFLinear):  # looked up row by row, kept in blocks
+        layers["model.embed_tokens"] = GGUFEmbedding(table)
+        if args.tie_embeddings:
+            layers["lm_head"] = table
     for module, layer in layers.items():
         if (bias := tensors.pop(f"{module}.bias", None)) is not None:
             layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)

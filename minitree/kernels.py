@@ -65,6 +65,8 @@ def _build():
         slow.cancel()
     torch.library.register_fake("minitree_kernels::int_mm")(
         lambda x, groups, kind, out, path=-1: x.new_empty(x.shape[0], out))
+    torch.library.register_fake("minitree_kernels::int_dequantize")(
+        lambda groups, kind, K, outputs: groups.new_empty(outputs.shape[0], K, dtype=torch.float32))
     torch.library.register_fake("minitree_kernels::attend")(
         lambda q, keys, values, q_slot, q_node, base, anc_bits: torch.empty_like(q))
     torch.library.register_fake("minitree_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))

@@ -150,6 +150,15 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size // args.world, bias=False)  # this rank's vocabulary rows
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the final norm's weight is held in it, whatever form the others take)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_cache: torch.Tensor,
                 mask: TreeMask, logits: bool = True) -> torch.Tensor:
         """tokens, positions, slots [T]; kv_cache [layers, 2, 1, H_kv, S, D] -> logits [T, vocab rows]

@@ -96,7 +96,7 @@ class Runner:
     def __init__(self, model: Transformer, *, compile: bool = True, attention: str | None = None,
                  plan: str | Plan | None = None, lossy: bool = False, prefill_chunks: tuple[int, ...] = PREFILL_CHUNKS,
                  cache_len: int = 0, name: str = "model"):
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         if attention is None:
             attention = "exact" if self.device.type == "cpu" and kernels_available() else "flex"
         if attention not in KINDS or (attention == "exact" and (self.device.type != "cpu" or not kernels_available())):
@@ -132,9 +132,9 @@ class Runner:
         cache_len = -(-cache_len // BLOCK) * BLOCK
         if cache_len <= self.cache_len:
             return
-        a, w = self.args, self.model.model.embed_tokens.weight
+        a, m = self.args, self.model
         old, self.kv_cache = self.kv_cache, torch.zeros(a.n_layers, 2, 1, a.n_kv_heads // a.world, cache_len,
-                                                        a.head_dim, dtype=w.dtype, device=w.device)
+                                                        a.head_dim, dtype=m.dtype, device=m.device)
         if old.numel():
             self.kv_cache[..., : old.shape[4], :] = old
 

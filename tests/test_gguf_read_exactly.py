@@ -12,7 +12,7 @@ import minitree
 import minitree.accept
 from minitree.config import from_hf_config
 from minitree.costs import PROBED_ROWS, Plan, probe_key, settings
-from minitree.gguf import SUPPORTED, GGUFLinear, hf_config, read_header
+from minitree.gguf import SUPPORTED, GGUFEmbedding, GGUFLinear, hf_config, read_header
 from minitree.kernels import kernels
 from reference import (SIZES, T1, blocks_reversed, causal, chi_square_pvalue, plain, prompt, sample_transitions,
                        transition_matrix)
@@ -100,6 +100,20 @@ def test_a_quantized_gguf_model_keeps_its_blocks(quantized_pair):
     ids = torch.tensor(PROMPT)
     ours, ref = causal(target)(ids), causal(floats)(ids)
     assert (ours - ref).norm() / ref.norm() < 0.03  # the activations' int8 blocks: measured 0.013
+
+
+def test_the_embedding_stays_in_blocks_and_a_tied_head_multiplies_them(tmp_path):
+    """The token embedding is never dequantized whole: a lookup reads its rows from the file's blocks,
+    equal to the gguf package's reading; a tied model's lm_head is the same layer (llama.cpp's reading)."""
+    hf = save_random(tmp_path / "m", "qwen2", seed=6, tie_word_embeddings=True, **SIZES)
+    write_gguf(hf, tmp_path / "tied.gguf", gguf_types({"token_embd": "Q4_K"}))
+    model, floats = minitree.load(tmp_path / "tied.gguf"), minitree.load(tmp_path / "tied.gguf", dequantize=True)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, GGUFEmbedding) and model.lm_head is embed.table and embed.table.kind == "gguf-Q4_K"
+    ids = torch.tensor(PROMPT)
+    assert torch.equal(embed(ids), floats.model.embed_tokens.weight[ids])
+    ours, ref = causal(model)(ids), causal(floats)(ids)
+    assert (ours - ref).norm() / ref.norm() < 0.03
 
 
 def test_the_header_reads_as_transformers_reads_it(quantized_pair, tmp_path):

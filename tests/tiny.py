@@ -119,8 +119,9 @@ def gguf_types(kinds: dict[str, str]):
 
 def write_gguf(hf, path, types=None):
     """A GGUF file (byte-level tokenizer) holding `hf`'s weights, as llama.cpp's converter writes them
-    (llama: q/k rows permuted for its interleaved RoPE). `types(name)` gives each 2-D weight's GGUF type
-    (F32, Q4_0, Q5_0, Q8_0 by the gguf package, Q4_K and Q6_K above); default F32."""
+    (llama: q/k rows permuted for its interleaved RoPE; a tied model without output.weight). `types(name)`
+    gives each 2-D weight's GGUF type (F32, Q4_0, Q5_0, Q8_0 by the gguf package, Q4_K and Q6_K above);
+    default F32."""
     cfg, arch = hf.config, hf.config.model_type
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
@@ -141,6 +142,8 @@ def write_gguf(hf, path, types=None):
     w.add_token_merges([])
     w.add_eos_token_id(0)
     for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         data = tensor.float().numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads

@@ -178,28 +178,32 @@ static at::Tensor repack(const at::Tensor& w, int64_t K) {
   return out;
 }
 
-// The weights the groups hold, in fp32 [O, K], computed in the gguf package's order (so equal to its reading).
+// The weights of outputs `outputs` (int64 [n]: a layer's every output, or the rows an embedding looks
+// up), in fp32 [n, K], computed in the gguf package's order (so equal to its reading).
 template <int TYPE>
-static at::Tensor dequantize(const at::Tensor& groups, int64_t K, int64_t O) {
+static at::Tensor dequantize(const at::Tensor& groups, int64_t K, const at::Tensor& outputs) {
   using T = F<TYPE>;
-  const int64_t blocks = K / T::block;
-  TORCH_CHECK(groups.size(1) == blocks * T::bytes && 16 * groups.size(0) >= O, "minitree dequantize: groups do not hold ",
-              O, "x", K, " weights");
-  at::Tensor y = at::empty({O, K}, at::kFloat);
+  const int64_t blocks = K / T::block, n = outputs.numel();
+  TORCH_CHECK(groups.size(1) == blocks * T::bytes, "minitree dequantize: groups do not hold ", K, " inputs per output");
+  const auto index = outputs.to(at::kLong).contiguous();
+  const int64_t* op = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(op[i] >= 0 && op[i] < 16 * groups.size(0), "minitree dequantize: output ", op[i], " is not in the groups");
+  at::Tensor y = at::empty({n, K}, at::kFloat);
   const uint8_t* gp = groups.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* g = gp + (o / 16) * groups.size(1) + b * T::bytes;
-        const int lane = o % 16;
+        const uint8_t* g = gp + (op[i] / 16) * groups.size(1) + b * T::bytes;
+        const int lane = op[i] % 16;
         const float d = half(g + T::d_at + 2 * lane), c = T::mins ? half(g + T::c_at + 2 * lane) : 0.0f;
         for (int j = 0; j < T::subs; ++j) {
           const uint8_t* L = g + T::levels_at + j * T::level_bytes;
           const int sc = !T::scales ? 1 : TYPE == Q6_K ? static_cast<int8_t>(g[T::sc_at + 16 * j + lane]) : g[T::sc_at + 16 * j + lane];
           const int m = TYPE == Q4_K ? g[T::m_at + 16 * j + lane] : 1;
-          for (int i = 0; i < T::sub; ++i) {
-            const int quad = i / 4, at = 4 * lane + i % 4;
+          for (int k = 0; k < T::sub; ++k) {
+            const int quad = k / 4, at = 4 * lane + k % 4;
             int q;
             if constexpr (T::bits == 8) {
               q = L[64 * quad + at];
@@ -211,7 +215,7 @@ static at::Tensor dequantize(const at::Tensor& groups, int64_t K, int64_t O) {
             float w;
             if constexpr (T::mins) w = T::scales ? (d * sc) * q + c * m : d * q + c;
             else w = T::scales ? (d * sc) * (q - T::offset) : d * (q - T::offset);
-            yp[o * K + b * T::block + T::sub * j + i] = w;
+            yp[i * K + b * T::block + T::sub * j + k] = w;
           }
         }
       }
@@ -575,10 +579,10 @@ at::Tensor repack_op(at::Tensor w, int64_t type, int64_t K) {
   return with_format(type, [&](auto f) { return repack<decltype(f)::type_id>(w, K); });
 }
 
-at::Tensor dequantize_op(at::Tensor groups, int64_t type, int64_t K, int64_t O) {
-  TORCH_CHECK(groups.dim() == 2 && groups.scalar_type() == at::kByte && groups.is_contiguous(),
-              "minitree dequantize: groups [O / 16, bytes] uint8");
-  return with_format(type, [&](auto f) { return dequantize<decltype(f)::type_id>(groups, K, O); });
+at::Tensor dequantize_op(at::Tensor groups, int64_t type, int64_t K, at::Tensor outputs) {
+  TORCH_CHECK(groups.dim() == 2 && groups.scalar_type() == at::kByte && groups.is_contiguous() && outputs.dim() == 1,
+              "minitree dequantize: groups [O / 16, bytes] uint8, outputs [n]");
+  return with_format(type, [&](auto f) { return dequantize<decltype(f)::type_id>(groups, K, outputs); });
 }
 
 // x [R, K] (float, bf16 or half), groups of GGUF type `type` holding O outputs -> [R, O] in x's dtype.
@@ -616,7 +620,7 @@ TORCH_LIBRARY_FRAGMENT(minitree_kernels, m) {
   m.def("int_paths", &integer::paths);
   m.def("int_quantize(Tensor w, int type) -> Tensor");
   m.def("int_repack(Tensor w, int type, int K) -> Tensor");
-  m.def("int_dequantize(Tensor groups, int type, int K, int O) -> Tensor");
+  m.def("int_dequantize(Tensor groups, int type, int K, Tensor outputs) -> Tensor");
   m.def("int_mm(Tensor x, Tensor groups, int type, int O, int path=-1) -> Tensor");
 }
 
