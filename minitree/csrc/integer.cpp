@@ -280,8 +280,10 @@ static Act quantize(const at::Tensor& x) {
   const int64_t R = xf.size(0), K = xf.size(1), nb = K / T::block;
   Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)), K};
   const float* xp = xf.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
+  // Blocks are quantized independently: threads split them (a block's result does not depend on which).
+  at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
+    for (int64_t rb = i0; rb < i1; ++rb) {
+      const int64_t r = rb / nb, b = rb % nb;
       const float* v = xp + r * K + b * T::block;
       int8_t* q = a.q.data() + r * K + b * T::block;
       float amax = 0, max = 0;
@@ -302,6 +304,7 @@ static Act quantize(const at::Tensor& x) {
         a.s[r * (K / T::sub) + b * T::subs + j] = s;
       }
     }
+  });
   return a;
 }
 
