@@ -4,7 +4,7 @@
     python bench.py --prompts 3 --systems "2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
     python bench.py --prompts-file my_prompts.jsonl   # your own prompts ({"prompt": ...} per line, or text lines)
 
-A system is `plain`, `auto`, `hf`, `hf-assisted`, or a tree (2,2,1, a path list, or
+A system is `plain`, `auto` (`auto:draft`: without n-gram branches), `hf`, `hf-assisted`, or a tree (2,2,1, a path list, or
 dynamic:...), optionally with `@C`: stop drafting when no frontier node's draft confidence
 reaches C (--draft-cutoff), and `+int8`/`+int4`: the system on a weight-only quantized copy of
 the target (its "agree" column then compares it with the float target's plain decoding).
@@ -206,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--systems", help="';'-separated list of: plain, auto, a tree spec (2,2,1, a path list, "
+    p.add_argument("--systems", help="';'-separated list of: plain, auto, auto:draft (no n-gram branches), a tree spec (2,2,1, a path list, "
                    "dynamic:...; ngram:... without the draft; dynamic+ngram...; '@C' sets its draft cutoff), hf, "
                    "hf-assisted, llama.cpp, "
                    "llama.cpp-spec[:N], llama.cpp-lookup[:N]; '+int8' or '+int4' after a minitree "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import minitree
+from minitree.auto import AUTO_SPECS
 from minitree.errors import FetchError
 from minitree.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, GGUF_NAME, MODELS, fetch
 from minitree.kernels import build_in_background
@@ -96,7 +97,7 @@ def main(checkpoint: str | None, draft: str | None, tree: str, prompt: str | Non
     sampling = minitree.Sampling(temperature, top_k, top_p)
     rank, world = minitree.tp.init()  # under torchrun: the target is sharded over the processes
     use_tree = tree.lower() != "none"
-    spec = minitree.parse_tree(tree) if use_tree and tree != "auto" else None  # malformed: reported before loading
+    spec = minitree.parse_tree(tree) if use_tree and tree not in AUTO_SPECS else None  # malformed: reported before loading
     draft_free = isinstance(spec, minitree.NgramTree)
     if draft_free and draft not in (None, "none"):
         raise minitree.EngineError("--tree ngram proposes without a draft model: leave --draft out or pass --draft none")
@@ -185,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "'none': no draft model (with --tree ngram or none)")
     p.add_argument("--tree", default="auto", help="'auto': chosen online for this machine and text among plain "
                    "decoding, dynamic trees, n-gram branches and the two mixed (without a draft: plain or "
-                   "n-gram); branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
+                   "n-gram; 'auto:draft' without n-gram branches); branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
                    "a JSON file of paths; a per-step tree grown from the draft's confidence "
                    f"({minitree.tree.DYNAMIC_SYNTAX}); draft-free trees of continuations found earlier in the "
                    f"text, no draft model ({minitree.tree.NGRAM_SYNTAX}); a draft tree plus n-gram branches "

@@ -55,6 +55,7 @@ RARELY = 64  # ... or in this many (when none is)
 CLOSE = 1.0  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
+AUTO_SPECS = ("auto", "auto:draft")  # every configuration; or no n-gram branches (family's lookups=False)
 NGRAM_NODES = 10  # an n-gram-only configuration's nodes (verifies 1, 6 or 11 rows: shapes of the family)
 MIXED_TOTALS = (10, 15)  # a mixed configuration verifies the draft's nodes plus n-gram nodes up to these
 LOOKUP = NgramTree(nodes=max(MIXED_TOTALS))  # the continuations auto scores at every step's root
@@ -93,10 +94,11 @@ def _cand_depth(depth: int, width: int) -> tuple[int, ...]:
     return tuple(DynamicTree(depth, width, K, 1).cand_depth.tolist())
 
 
-def family(drafts: bool = True) -> list[Config]:
+def family(drafts: bool = True, lookups: bool = True) -> list[Config]:
     """Plain decoding, the dynamic trees, n-gram branches alone, and each dynamic tree with n-gram
     branches up to MIXED_TOTALS nodes (verify shapes the dynamic trees compile too); without a
-    draft (drafts=False), plain decoding and n-gram branches alone."""
+    draft (drafts=False), plain decoding and n-gram branches alone; without lookups ("auto:draft"),
+    plain decoding and the dynamic trees."""
     configs = [Config(0, 0)]
     if not drafts:
         return configs + [Config(0, 0, ngram=NGRAM_NODES)]
@@ -104,6 +106,8 @@ def family(drafts: bool = True) -> list[Config]:
         for d in DEPTHS[w == 1:]:  # at depth 1, every width drafts the same tree
             spec = DynamicTree(d, w, K, 1)
             configs += [Config(d, n, w) for n in NODES if n <= spec.n_candidates - 1]
+    if not lookups:
+        return configs
     mixed = [Config(c.depth, c.nodes, c.width, total - c.nodes) for c in configs[1:] for total in MIXED_TOTALS
              if total - c.nodes >= 5]
     return configs + [Config(0, 0, ngram=NGRAM_NODES)] + mixed
@@ -222,8 +226,9 @@ class Auto:
         tree, levels = step.tree, step.levels
         path = step.path[:n].tolist()
         accepted, drafted = set(path), config.spec.ngram_from  # nodes below it are the draft's
-        self._look_up(history, len(history) - n - 1,
-                      next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
+        if any(c.ngram for c in self.configs):  # scored only where n-gram branches may be chosen
+            self._look_up(history, len(history) - n - 1,
+                          next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
         timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable
         draft_s, verify_s = step.times.get("draft", 0.0), step.times.get("verify", 0.0)
         for run in self.runs.values():

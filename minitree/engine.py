@@ -16,7 +16,7 @@ import torch
 from . import tp
 from .accept import accept_greedy, accept_sample
 from .attention import BLOCK
-from .auto import Auto, Config, family
+from .auto import AUTO_SPECS, Auto, Config, family
 from .costs import PREFILL_CHUNKS
 from .draft import draft_tree
 from .errors import EngineError
@@ -84,7 +84,7 @@ class Engine:
     """Lossless tree speculative decoding of `target`, drafted by `draft` along `tree` (a static
     Tree, a DynamicTree, an NgramTree, a MixedTree, their text specs: "2,2,1", "dynamic:depth=6,
     width=2,k=4,nodes=10", "ngram", "dynamic+ngram", or "auto": chosen every few steps for this
-    machine and this text, auto.py).
+    machine and this text, auto.py; "auto:draft" chooses without n-gram branches).
 
     `target` and `draft` are models (each gets a Runner of its own, built from `compile`,
     `attention`, `plan` and `prefill_chunks`: runner.py) or Runners (shared with other engines,
@@ -111,15 +111,17 @@ class Engine:
                               f"({target.args.vocab_size} tokens); they must share a tokenizer")
         if not 0 <= draft_cutoff < 1:
             raise EngineError(f"draft_cutoff must be in [0, 1), got {draft_cutoff}")
-        spec = None if tree is None or tree == "auto" else parse_tree(tree)
+        auto = isinstance(tree, str) and tree in AUTO_SPECS  # without a draft: plain decoding or n-gram branches
+        if tree == "auto:draft" and draft is None:
+            raise EngineError("tree auto:draft chooses among the draft's trees: it needs a draft")
+        spec = None if tree is None or auto else parse_tree(tree)
         if isinstance(spec, NgramTree) and draft is not None:
             raise EngineError("an n-gram tree proposes without a draft model: pass draft=None, or mix the "
                               "draft's tree with n-gram branches (\"dynamic+ngram\")")
         if isinstance(spec, MixedTree) and draft is None:
             raise EngineError(f"tree {spec.name} mixes the draft's tree with n-gram branches: it needs a draft")
         draft = draft if tree is not None else None
-        auto = tree == "auto"  # without a draft: plain decoding or n-gram branches, chosen alike
-        configs = family(drafts=draft is not None) if auto else []
+        configs = family(drafts=draft is not None, lookups=tree != "auto:draft") if auto else []
         specs = [c.spec for c in configs] if auto else \
             [spec if spec is not None and (draft is not None or not spec.drafts) else Tree([])]
 

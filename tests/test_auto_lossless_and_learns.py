@@ -30,6 +30,18 @@ def test_greedy_exact_while_switching(pair, monkeypatch):
     assert sum(result.stats.accepted_ranks.values()) > 0
 
 
+def test_auto_draft_chooses_without_ngram_branches(pair, monkeypatch):
+    """"auto:draft": the same choice among plain decoding and the draft's trees only (the comparison
+    bench draws against "auto"); it needs a draft."""
+    target, draft = pair
+    cycling(monkeypatch, seed=2)
+    result = minitree.Engine(target, draft, "auto:draft", compile=False, max_seq_len=512).generate(PROMPT, 40)
+    assert result.tokens == plain(target, PROMPT, 40)
+    assert len(result.stats.configs) >= 4 and not any("ngram" in name for name in result.stats.configs)
+    with pytest.raises(minitree.EngineError, match="auto:draft .* needs a draft"):
+        minitree.Engine(target, None, "auto:draft", compile=False)
+
+
 def test_sampling_matches_target_while_switching(markov_pair, monkeypatch):
     cycling(monkeypatch, seed=1)
     counts, tau = sample_transitions(*markov_pair, "auto", T1)

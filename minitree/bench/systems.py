@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..auto import AUTO_SPECS
 from ..engine import Engine
 from ..errors import EngineError, TreeError
 from ..forms import QUANTIZE, quantize
@@ -35,7 +36,7 @@ def system_parts(name: str) -> tuple[str | None, float | None, str | None]:
         return None, None, quant
     tree, at, cutoff = name.rpartition("@") if "@" in name else (name, "", "")
     try:
-        if tree != "auto":
+        if tree not in AUTO_SPECS:
             parse_tree(tree)
         return tree, float(cutoff) if at else None, quant
     except TreeError as e:
@@ -57,7 +58,7 @@ class MinitreeSystem:
     def __init__(self, name: str, targets: dict, draft: Runner, args):
         tree, cutoff, quant = system_parts(name)  # "2,2,1@0.1+int8": draft cutoff 0.1, int8 target
         self.name = name
-        draft_free = tree not in (None, "auto") and isinstance(parse_tree(tree), NgramTree)  # not a MixedTree
+        draft_free = tree not in (None, *AUTO_SPECS) and isinstance(parse_tree(tree), NgramTree)  # not a MixedTree
         self.engine = Engine(targets[quant], draft if tree and not draft_free else None, tree, max_seq_len=args.max_seq_len,
                              draft_cutoff=args.draft_cutoff if cutoff is None else cutoff)
         self.sampling, self.seed = Sampling(args.temperature), args.seed
