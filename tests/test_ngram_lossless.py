@@ -128,7 +128,7 @@ def test_negative_control_sampling_without_the_residual_update(markov_pair, monk
     assert pvalue < 1e-6
 
 
-@pytest.mark.parametrize("spec, message", [("ngram:depth=0", "must be >= 1"), ("ngram:min=5", "min <= match"),
+@pytest.mark.parametrize("spec, message", [("ngram:depth=0", "must be >= 1"), ("ngram:min=7", "min <= match"),
                                            ("ngram:width=2", "cannot read 'width=2'")])
 def test_malformed_specs_are_reported(spec, message):
     with pytest.raises(minitree.TreeError, match=message):
