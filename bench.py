@@ -4,9 +4,9 @@
     python bench.py --prompts 3 --systems "2,2,1;1,1,1,1,1@0.3;hf;hf-assisted"
     python bench.py --prompts-file my_prompts.jsonl   # your own prompts ({"prompt": ...} per line, or text lines)
 
-A system is `plain`, `auto` (`auto:draft`: without n-gram branches), `hf`, `hf-assisted`, or a tree (2,2,1, a path list, or
-dynamic:...), optionally with `@C`: stop drafting when no frontier node's draft confidence
-reaches C (--draft-cutoff), and `+int8`/`+int4`: the system on a weight-only quantized copy of
+A system is `plain`, `auto` (`auto:draft`: without n-gram branches), `hf`, `hf-assisted`, or a
+tree (2,2,1, a path list, or dynamic:...), optionally with `@C`: stop drafting when no frontier
+node's draft confidence reaches C (--draft-cutoff), and `+int8`/`+int4`: the system on a weight-only quantized copy of
 the target (its "agree" column then compares it with the float target's plain decoding).
 
 Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
