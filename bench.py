@@ -6,8 +6,9 @@
 
 A system is `plain`, `auto` (`auto:draft`: without n-gram branches), `hf`, `hf-assisted`, or a
 tree (2,2,1, a path list, or dynamic:...), optionally with `@C`: stop drafting when no frontier
-node's draft confidence reaches C (--draft-cutoff), and `+int8`/`+int4`: the system on a weight-only quantized copy of
-the target (its "agree" column then compares it with the float target's plain decoding).
+node's draft confidence reaches C (--draft-cutoff), and `+int8`/`+int4`: the system on a
+weight-only quantized copy of the target (its "agree" column then compares it with the float
+target's plain decoding).
 
 Every system decodes the same prompts, interleaved prompt by prompt, after a warm-up that
 compiles every shape (excluded from timing; `auto` compiles a configuration's shapes when it
@@ -206,11 +207,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template to every prompt (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--systems", help="';'-separated list of: plain, auto, auto:draft (no n-gram branches), a tree spec (2,2,1, a path list, "
-                   "dynamic:...; ngram:... without the draft; dynamic+ngram...; '@C' sets its draft cutoff), hf, "
-                   "hf-assisted, llama.cpp, "
-                   "llama.cpp-spec[:N], llama.cpp-lookup[:N]; '+int8' or '+int4' after a minitree "
-                   "system quantizes its target; plain is always added "
+    p.add_argument("--systems", help="';'-separated list of: plain, auto, auto:draft (no n-gram branches), "
+                   "a tree spec (2,2,1, a path list, dynamic:...; ngram:... without the draft; dynamic+ngram...; "
+                   "'@C' sets its draft cutoff), hf, hf-assisted, llama.cpp, llama.cpp-spec[:N], "
+                   "llama.cpp-lookup[:N]; '+int8' or '+int4' after a minitree system quantizes its target; "
+                   "plain is always added "
                    f"(default: plain;{';'.join(CHAINS + TREES + DYNAMIC)};hf;hf-assisted)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -183,10 +183,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help=f"target: a known name ({', '.join(MODELS)}), a checkpoint directory, "
                    f"a .gguf file or a hub id (default: {DEFAULT_TARGET} with draft {DEFAULT_DRAFT})")
     p.add_argument("--draft", help="draft model, same forms as --checkpoint; must share the target's tokenizer; "
-                   "'none': no draft model (with --tree ngram or none)")
+                   "'none': no draft model (with --tree ngram, auto or none)")
     p.add_argument("--tree", default="auto", help="'auto': chosen online for this machine and text among plain "
                    "decoding, dynamic trees, n-gram branches and the two mixed (without a draft: plain or "
-                   "n-gram; 'auto:draft' without n-gram branches); branching per depth (2,2,1); a path list ('[(0,), (1,), (0, 0)]'); "
+                   "n-gram; 'auto:draft' without n-gram branches); branching per depth (2,2,1); a path list "
+                   "('[(0,), (1,), (0, 0)]'); "
                    "a JSON file of paths; a per-step tree grown from the draft's confidence "
                    f"({minitree.tree.DYNAMIC_SYNTAX}); draft-free trees of continuations found earlier in the "
                    f"text, no draft model ({minitree.tree.NGRAM_SYNTAX}); a draft tree plus n-gram branches "

@@ -149,6 +149,16 @@ class Auto:
         self.current = next((c for c in self.configs if c.depth == 4 and c.nodes == 7), self.configs[-1])
         self.draft_extra = self.extra_prior * self.draft_cost(1)  # a prior, until steps are timed
 
+    @functools.cached_property
+    def drafts(self) -> bool:
+        """Whether any configuration runs the draft (not without one)."""
+        return any(c.depth for c in self.configs)
+
+    @functools.cached_property
+    def looks_up(self) -> bool:
+        """Whether any configuration has n-gram branches (not "auto:draft")."""
+        return any(c.ngram for c in self.configs)
+
     # ------------------------------------------------------------------------------------
     def acceptance(self, conf: float) -> float:
         b = min(max(bisect.bisect_right(EDGES, conf) - 1, 0), len(self.seen) - 1)
@@ -202,7 +212,7 @@ class Auto:
             gain = SWITCH_GAIN if (best.depth > 0) == (self.current.depth > 0) else DRAFT_SWITCH_GAIN
             if self.predicted(best) > gain * self.predicted(self.current):
                 self.current = best
-        if self.current.depth == 0 and self.steps % EXPLORE == 0 and any(c.depth for c in self.configs):
+        if self.current.depth == 0 and self.steps % EXPLORE == 0 and self.drafts:
             tree = self.best(speculative=True)
             close = self.predicted(tree) >= CLOSE * self.predicted(self.current)
             if close or self.steps % RARELY == 0:  # a look at what the draft would do now
@@ -226,7 +236,7 @@ class Auto:
         tree, levels = step.tree, step.levels
         path = step.path[:n].tolist()
         accepted, drafted = set(path), config.spec.ngram_from  # nodes below it are the draft's
-        if any(c.ngram for c in self.configs):  # scored only where n-gram branches may be chosen
+        if self.looks_up:  # scored only where n-gram branches may be chosen
             self._look_up(history, len(history) - n - 1,
                           next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
         timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable

@@ -381,7 +381,7 @@ class DynamicTree(TreeSpec):
 # One continuation of a 4-6 token match (measured: fewer, surer proposals beat three of a 2-4 token match on
 # every bench set; README)
 NGRAM_DEFAULTS = dict(depth=12, nodes=12, branches=1, match=6, min=4)
-NGRAM_SYNTAX = "ngram or ngram:depth=12,nodes=12,branches=1,match=6,min=4 (any subset of the keys)"
+NGRAM_SYNTAX = "ngram or ngram:" + ",".join(f"{k}={v}" for k, v in NGRAM_DEFAULTS.items()) + " (any subset of the keys)"
 
 
 class NgramTree:
@@ -397,7 +397,9 @@ class NgramTree:
     widths: list[int] = []
     n_rows = 0  # draft cache rows
 
-    def __init__(self, depth: int = 12, nodes: int = 12, branches: int = 1, match: int = 6, min_match: int = 4):
+    def __init__(self, depth: int = NGRAM_DEFAULTS["depth"], nodes: int = NGRAM_DEFAULTS["nodes"],
+                 branches: int = NGRAM_DEFAULTS["branches"], match: int = NGRAM_DEFAULTS["match"],
+                 min_match: int = NGRAM_DEFAULTS["min"]):
         if not 1 <= min_match <= match or min(depth, nodes, branches) < 1 or nodes + 1 > MAX_NODES:
             raise TreeError(f"ngram tree: depth, nodes and branches must be >= 1, 1 <= min <= match, "
                             f"nodes < {MAX_NODES}")
