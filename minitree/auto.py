@@ -19,7 +19,14 @@ every few steps:
   extrapolated from the draft's mean child probability per rank; while the deepest level is
   often accepted, every DEEPER-th step drafts deeper, so that those levels are seen too;
 - what a configuration did when it ran: its committed tokens and seconds per step (the draft's
-  catch-up included), which outweigh the model's prediction once it has run a few steps (TRUST).
+  catch-up included), which outweigh the model's prediction once it has run a few steps (TRUST);
+- the draft's catch-up: a drafting configuration chosen after steps without the draft first
+  caches the tokens those steps committed (the prompt too, at a text's start: priced in 32-row
+  draft forwards, spread over the HORIZON steps a switch is worth), and beside n-gram branches
+  it catches up on every accepted n-gram node (learned per step: `mixed_catch_up`);
+- n-gram branches: at every step's root, what LOOKUP's continuations would have had accepted,
+  once the text after it is known (a histogram by length); N n-gram nodes beside a draft tree
+  expected to have D nodes accepted add what they would have accepted beyond D, at most N.
 
 The family: plain decoding, and dynamic trees of k children, width 1 (the first-choice path
 with its siblings: one draft row per level) or 2, with every depth in DEPTHS and verify budget
@@ -39,7 +46,7 @@ import bisect
 import functools
 from dataclasses import dataclass, field
 
-from .tree import DynamicTree, MixedTree, NgramTree, Tree, TreeSpec
+from .tree import DynamicTree, EarlierTexts, MixedTree, NgramTree, Tree, TreeSpec
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8)
 NODES = (1, 3, 5, 7, 10, 15)
@@ -55,8 +62,9 @@ RARELY = 64  # ... or in this many (when none is)
 CLOSE = 1.0  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
+HORIZON = 4 * RECHOOSE  # steps a switch to drafting is priced over (its catch-up spread across them)
 AUTO_SPECS = ("auto", "auto:draft")  # every configuration; or no n-gram branches (family's lookups=False)
-NGRAM_NODES = 10  # an n-gram-only configuration's nodes (verifies 1, 6 or 11 rows: shapes of the family)
+NGRAM_NODES = 10  # an n-gram-only configuration's nodes (verifies 1, 4 or 11 rows: shapes of the family)
 MIXED_TOTALS = (10, 15)  # a mixed configuration verifies the draft's nodes plus n-gram nodes up to these
 LOOKUP = NgramTree(nodes=max(MIXED_TOTALS))  # the continuations auto scores at every step's root
 
@@ -133,11 +141,12 @@ class Auto:
     # n-gram branches, scored at every step's root once the text after it is known (decayed sums):
     lookups: float = 0.0  # roots scored
     found: float = 0.0  # ... with a continuation
-    looked_up: float = 0.0  # tokens the branches would have had accepted
+    agreed: list = field(default_factory=lambda: [0.0] * (LOOKUP.max_depth + 1))  # ... by tokens they had accepted
     trie: float = 0.0  # their nodes, where found
-    drafted: float = 0.0  # roots where the draft drafted
-    gain: float = 0.0  # ... tokens the branches would have added to the draft's accepted ones
-    pending: list = field(default_factory=list)  # (root position, continuations, draft's accepted or None)
+    pending: list = field(default_factory=list)  # (root position, continuations)
+    mixed_catch_up: float | None = None  # seconds per step of the draft catching up beside n-gram branches
+    behind: int = 0  # committed tokens the draft has not cached, as this step is chosen
+    drafted_last: bool = False  # whether the last step observed ran the draft
     current: Config | None = None
     steps: int = 0
 
@@ -158,6 +167,11 @@ class Auto:
     def looks_up(self) -> bool:
         """Whether any configuration has n-gram branches (not "auto:draft")."""
         return any(c.ngram for c in self.configs)
+
+    @functools.cached_property
+    def copier(self) -> Config:
+        """N-gram branches alone: every step while the text is being copied (the draft would only cost)."""
+        return next(c for c in self.configs if c.ngram and not c.depth)
 
     # ------------------------------------------------------------------------------------
     def acceptance(self, conf: float) -> float:
@@ -180,23 +194,42 @@ class Auto:
     def verify_seconds(self, rows: int) -> float:
         return self.verify_cost(rows) + self.verify_extra_at(rows)
 
+    def catch_up_seconds(self, c: Config) -> float:
+        """Per step: the draft catching up on the tokens steps without it committed (after a switch,
+        spread over HORIZON steps), and on accepted n-gram nodes beside its own."""
+        behind = self.behind
+        full, rest = divmod(behind, 32)
+        switch = (full * self.draft_cost(32) + (self.draft_cost(rest) if rest else 0.0)
+                  + -(-behind // 32) * self.draft_extra) / HORIZON
+        if not c.ngram:
+            return switch
+        found = self.found / max(self.lookups, 1e-9)
+        steady = self.mixed_catch_up if self.mixed_catch_up is not None else found * (self.draft_cost(4) + self.draft_extra)
+        return switch + steady
+
     def modelled(self, c: Config) -> tuple[float, float]:
         """(committed tokens, seconds) per step, from the acceptance and cost models; n-gram branches
         from what they would have added at the roots scored (none scored yet: nothing)."""
         rows = c.nodes + 1 if c.depth else 1
-        found, looked_up = self.found / max(self.lookups, 1e-9), self.looked_up / max(self.lookups, 1e-9)
+        found = self.found / max(self.lookups, 1e-9)
         if c.depth == 0 and c.ngram:  # the smallest size holding the mean trie (NgramTree.sizes)
             trie = min(self.trie / max(self.found, 1e-9), c.ngram) + 1
             size = min(s for s in c.spec.sizes if s >= trie)
-            return 1.0 + looked_up, (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
+            return 1.0 + self.ngram_tokens(c.ngram), (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
         verify = self.verify_seconds(rows)
         if c.depth == 0:
             return 1.0, verify
-        tokens = 1.0 + self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9)
+        drafted = self.scores.get((c.width, c.depth, c.nodes), 0.0) / max(self.weight, 1e-9)
+        tokens = 1.0 + drafted
         if c.ngram:  # beside the draft's nodes: what the branches add to them, verified with them
-            tokens += self.gain / self.drafted if self.drafted >= 1 else 0.5 * looked_up
+            tokens += self.ngram_tokens(c.ngram, drafted)
             verify = (1 - found) * verify + found * self.verify_seconds(rows + c.ngram)
-        return tokens, verify + self.draft_seconds(c)
+        return tokens, verify + self.draft_seconds(c) + self.catch_up_seconds(c)
+
+    def ngram_tokens(self, nodes: int, drafted: float = 0.0) -> float:
+        """Tokens n-gram branches of `nodes` nodes would have had accepted at the roots scored, beyond
+        `drafted` accepted draft nodes (the continuation runs along them, then adds its own)."""
+        return sum(w * min(max(k - drafted, 0.0), nodes) for k, w in enumerate(self.agreed)) / max(self.lookups, 1e-9)
 
     def predicted(self, c: Config) -> float:
         """Tokens per second: the model's prediction, outweighed by what the configuration did."""
@@ -204,10 +237,14 @@ class Auto:
         steps, ran_tokens, ran_seconds = self.runs.get(c.name, (0.0, 0.0, 0.0))
         return (ran_tokens + TRUST * tokens) / (ran_seconds + TRUST * seconds)
 
-    def choose(self) -> Config:
-        """This step's configuration."""
-        self.steps += 1
-        if self.weight and self.steps % RECHOOSE == 0:
+    def choose(self, behind: int = 0, history: list[int] | None = None, earlier: EarlierTexts | None = None) -> Config:
+        """This step's configuration; `behind`: committed tokens the draft has not cached; `history`:
+        the committed tokens (and `earlier` texts): while they are being copied, n-gram branches alone."""
+        fresh = behind > self.behind + 32  # a new text: the draft has its prompt to cache (or not)
+        self.steps, self.behind = self.steps + 1, behind
+        if self.looks_up and history is not None and LOOKUP.copying(history, earlier):
+            return self.copier
+        if self.weight and (self.steps % RECHOOSE == 0 or fresh):
             best = self.best()
             gain = SWITCH_GAIN if (best.depth > 0) == (self.current.depth > 0) else DRAFT_SWITCH_GAIN
             if self.predicted(best) > gain * self.predicted(self.current):
@@ -215,7 +252,8 @@ class Auto:
         if self.current.depth == 0 and self.steps % EXPLORE == 0 and self.drafts:
             tree = self.best(speculative=True)
             close = self.predicted(tree) >= CLOSE * self.predicted(self.current)
-            if close or self.steps % RARELY == 0:  # a look at what the draft would do now
+            if close or (self.steps % RARELY == 0 and behind <= 32):  # a look at what the draft would do now
+                # (unless it must first cache more than a forward's worth of text: then only when close)
                 return tree
         elif self.steps % DEEPER == 0 and self.saturated > 0.3 and 0 < self.current.depth < max(DEPTHS):
             deeper = min([d for d in DEPTHS if d >= self.current.depth + 2] or [max(DEPTHS)])
@@ -228,17 +266,16 @@ class Auto:
         return max((c for c in self.configs if c.depth or not speculative), key=self.predicted)
 
     # ------------------------------------------------------------------------------------
-    def observe(self, config: Config, step, n: int, history: list[int]) -> None:
+    def observe(self, config: Config, step, n: int, history: list[int], earlier: EarlierTexts | None = None) -> None:
         """One step (stats.Step) along `config` that committed n tokens, the last of `history` (the
-        committed tokens): the confidences of the verified nodes and which were accepted, the
+        committed tokens; `earlier`: the texts n-gram branches also search): the confidences of the verified nodes and which were accepted, the
         confidence of every drafted candidate, the draft levels run, what n-gram branches would have
         proposed at its root, and (when the engine times its steps) what drafting and verifying cost."""
         tree, levels = step.tree, step.levels
         path = step.path[:n].tolist()
         accepted, drafted = set(path), config.spec.ngram_from  # nodes below it are the draft's
         if self.looks_up:  # scored only where n-gram branches may be chosen
-            self._look_up(history, len(history) - n - 1,
-                          next((i for i, node in enumerate(path[1:]) if node >= drafted), n - 1) if levels else None)
+            self._look_up(history, earlier, len(history) - n - 1)
         timed = "verify" in step.times and self.seconds  # timings and unmeasured costs are not comparable
         draft_s, verify_s = step.times.get("draft", 0.0), step.times.get("verify", 0.0)
         for run in self.runs.values():
@@ -255,6 +292,10 @@ class Auto:
             rows = tree.tokens.numel()
             extra = max(verify_s - self.verify_cost(rows), 0.0)
             self.verify_extra[rows] = 0.9 * self.verify_extra_at(rows) + 0.1 * extra
+        drafted_last, self.drafted_last = self.drafted_last, bool(levels)
+        if timed and levels and config.ngram and drafted_last:  # the steady state beside n-gram branches
+            catch_up = step.times.get("catch_up", 0.0)
+            self.mixed_catch_up = catch_up if self.mixed_catch_up is None else 0.9 * self.mixed_catch_up + 0.1 * catch_up
         if config.depth == 0:
             return
         if timed and levels:
@@ -268,21 +309,19 @@ class Auto:
             self.hits[b] += i in accepted
         self._score(tree.candidates.tolist(), _cand_depth(config.depth, config.width), config.width)
 
-    def _look_up(self, history: list[int], root: int, drafted: int | None) -> None:
-        """Note the continuations at this step's root (and the draft's accepted nodes, when it
-        drafted); score the roots whose next LOOKUP.max_depth tokens are now committed."""
+    def _look_up(self, history: list[int], earlier: EarlierTexts | None, root: int) -> None:
+        """Note the continuations at this step's root; score the roots whose next LOOKUP.max_depth
+        tokens are now committed."""
         if self.pending and self.pending[-1][0] >= root:  # a new text
             self.pending.clear()
-        self.pending.append((root, LOOKUP.continuations(history[:root + 1]), drafted))
+        self.pending.append((root, LOOKUP.continuations(history[:root + 1], earlier)))
         while self.pending and len(history) > self.pending[0][0] + LOOKUP.max_depth:
-            at, conts, drafted = self.pending.pop(0)
+            at, conts = self.pending.pop(0)
             text = history[at + 1:at + 1 + LOOKUP.max_depth]
             agreed = max((next((i for i, (a, b) in enumerate(zip(c, text)) if a != b), len(c)) for c in conts), default=0)
             self.lookups, self.found = DECAY * self.lookups + 1, DECAY * self.found + bool(conts)
-            self.looked_up = DECAY * self.looked_up + agreed
+            self.agreed = [DECAY * w + (k == agreed) for k, w in enumerate(self.agreed)]
             self.trie = DECAY * self.trie + len({tuple(c[:i]) for c in conts for i in range(1, len(c) + 1)})
-            if drafted is not None:
-                self.drafted, self.gain = DECAY * self.drafted + 1, DECAY * self.gain + max(agreed - drafted, 0)
 
     def _score(self, candidates: list[float], cand_depth: tuple[int, ...], drafted_width: int) -> None:
         """Expected accepted nodes of every (width, depth, nodes) configuration, from this step's

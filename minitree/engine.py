@@ -26,7 +26,7 @@ from .model import Transformer
 from .runner import Runner
 from .sampling import Sampling, probs
 from .stats import Clock, Result, Stats, Step
-from .tree import MixedTree, NgramTree, Tree, TreeSpec, parse_tree
+from .tree import EarlierTexts, MixedTree, NgramTree, Tree, TreeSpec, parse_tree
 from .verify import verify
 
 
@@ -148,6 +148,7 @@ class Engine:
         measured = bool(self.target.plan.costs) and (self.draft is None or bool(self.draft.plan.costs))
         self.auto = Auto(draft_cost, self.target.plan.cost, seconds=measured, configs=configs) if auto else None
         self.seq = Committed(cache_len, self.device)
+        self.earlier = EarlierTexts()  # the texts generate() decoded before: n-gram branches look there too
         gpu = self.device.type == "cuda"
         self.generator = torch.Generator(device=self.device)  # one object: a captured graph keeps its state
         self.graphs = StepGraphs(self._state, self.generator) if gpu and cuda_graphs else None
@@ -228,7 +229,8 @@ class Engine:
         shapes compiled (seconds to stats) -> the configuration; other trees: None."""
         if self.auto is None:
             return None
-        config = tp.broadcast(self.auto.choose())
+        seq = self.seq
+        config = tp.broadcast(self.auto.choose(max(seq.length - 2 - seq.draft_cached, 0), seq.history, self.earlier))
         self.tree = self._spec(config)
         stats.compile_s += self._compile(self._shapes(self.tree))
         return config
@@ -237,7 +239,7 @@ class Engine:
         """Tree auto: what the step along `config` drafted, committed and cost, to auto and to stats."""
         if config is not None:
             stats.configs[config.name] += 1
-            self.auto.observe(config, step, n, self.seq.history)
+            self.auto.observe(config, step, n, self.seq.history, self.earlier)
 
     def _stance(self):
         """Once every shape of a step along self.tree is compiled, Dynamo checks only the guards that
@@ -276,7 +278,7 @@ class Engine:
         elif not spec.looks_up:  # plain decoding: the root alone
             tree = spec.step._replace(tokens=seq.tokens[base.view(1)])
         if spec.looks_up:  # branches continuing the committed text (tree.py), beside the draft's or alone
-            tree = spec.extend(seq.history, tree)
+            tree = spec.extend(seq.history, tree, self.earlier)
             q = q if q is not None else tree.conf.new_zeros(1, 1)  # read by nothing: proposals take the one-hot rule
         clock.lap("draft")
         logits = verify(self.target, tree, base)
@@ -350,5 +352,6 @@ class Engine:
             if stop is not None:
                 break
         stats.new_tokens = len(out)
+        self.earlier.add(self.seq.history)
         stats.time_s["other"] = time.perf_counter() - t0 - sum(stats.time_s.values()) - stats.compile_s
         return Result(out, stats)

@@ -372,16 +372,57 @@ class DynamicTree(TreeSpec):
 # An NgramTree finds the longest suffix of the committed tokens (at most `match` tokens) that
 # occurred earlier in them (prompt and output) and proposes what followed its most recent
 # occurrences: `branches` distinct continuations, merged where they share a prefix (a trie), at
-# most `nodes` nodes and `depth` levels. The target verifies it like any step tree and accept.py
-# takes the longest agreed path, so the output is the target's own; proposals are deterministic,
-# so sampling takes the one-hot rule. No model runs: the lookup scans the committed tokens on
-# the host (engine.Committed.history). A MixedTree adds the same branches to the draft's tree of
-# each step: a continuation follows the draft's nodes while they hold its tokens and branches off
-# where they stop, so one verify checks both, and siblings still carry distinct tokens.
-# One continuation of a 4-6 token match (measured: fewer, surer proposals beat three of a 2-4 token match on
-# every bench set; README)
-NGRAM_DEFAULTS = dict(depth=12, nodes=12, branches=1, match=6, min=4)
+# most `nodes` nodes and `depth` levels; a match shorter than `match` tokens (a guess) proposes
+# at most `short` tokens, a full one (a copy under way) up to `depth`. Where the text has no
+# match, the texts decoded before in the same process (EarlierTexts: answers repeat their own
+# phrasing) are searched the same way. The target verifies the tree like any step tree and
+# accept.py takes the longest agreed path, so the output is the target's own; proposals are
+# deterministic, so sampling takes the one-hot rule. No model runs: the lookup reads the
+# committed tokens on the host (engine.Committed.history). A MixedTree adds the same branches
+# to the draft's tree of each step: a continuation follows the draft's nodes while they hold its
+# tokens and branches off where they stop, so one verify checks both, and siblings still carry
+# distinct tokens.
+# Measured on the bench's recorded outputs (README): one continuation; a guess from a 2-7 token
+# match costs a 4-row verify, a copy from an 8-token match up to 13 rows.
+NGRAM_DEFAULTS = dict(depth=12, nodes=12, branches=1, match=8, min=2, short=3)
 NGRAM_SYNTAX = "ngram or ngram:" + ",".join(f"{k}={v}" for k, v in NGRAM_DEFAULTS.items()) + " (any subset of the keys)"
+EARLIER_TOKENS = 1 << 16  # the most tokens of earlier texts kept for lookups
+SCAN = 64  # the most recent occurrences of a suffix read per lookup
+
+
+class EarlierTexts:
+    """Texts decoded before in this process (prompt and output), at most `limit` tokens (when full,
+    the oldest go, down to half), indexed by token pair: n-gram trees look there for matches of at
+    least two tokens when the current text has none (SuffixDecoding's global corpus)."""
+
+    def __init__(self, limit: int = EARLIER_TOKENS):
+        self.limit, self.texts, self.tokens = limit, [], []  # tokens: the texts, each ended by UNDRAFTED
+        self.at: dict[tuple[int, int], list[int]] = {}  # (token, next token) -> positions of the next
+
+    def add(self, text: list[int]) -> None:
+        text = list(text)[-(self.limit - 1):]
+        if len(self.tokens) + len(text) + 1 > self.limit:  # the oldest go: keep the newest texts in half the room
+            keep, size = [], 0
+            for t in reversed(self.texts):
+                if size + len(t) + 1 > self.limit // 2:
+                    break
+                keep, size = [t, *keep], size + len(t) + 1
+            self.texts, self.tokens, self.at = [], [], {}
+            for t in keep:
+                self._append(t)
+        if text:
+            self._append(text)
+
+    def _append(self, text: list[int]) -> None:
+        start = len(self.tokens)
+        self.texts.append(text)
+        self.tokens += [*text, UNDRAFTED]
+        for j in range(max(start, 1), len(self.tokens)):
+            self.at.setdefault((self.tokens[j - 1], self.tokens[j]), []).append(j)
+
+    def ends(self, tokens: list[int]) -> list[int]:
+        """Where the last two of `tokens` occurred (their second), most recent first."""
+        return self.at.get(tuple(tokens[-2:]), [])[::-1][:4 * SCAN] if len(tokens) >= 2 else []
 
 
 class NgramTree:
@@ -399,13 +440,14 @@ class NgramTree:
 
     def __init__(self, depth: int = NGRAM_DEFAULTS["depth"], nodes: int = NGRAM_DEFAULTS["nodes"],
                  branches: int = NGRAM_DEFAULTS["branches"], match: int = NGRAM_DEFAULTS["match"],
-                 min_match: int = NGRAM_DEFAULTS["min"]):
-        if not 1 <= min_match <= match or min(depth, nodes, branches) < 1 or nodes + 1 > MAX_NODES:
-            raise TreeError(f"ngram tree: depth, nodes and branches must be >= 1, 1 <= min <= match, "
+                 min_match: int = NGRAM_DEFAULTS["min"], short: int = NGRAM_DEFAULTS["short"]):
+        if not 1 <= min_match <= match or min(depth, nodes, branches, short) < 1 or nodes + 1 > MAX_NODES:
+            raise TreeError(f"ngram tree: depth, nodes, branches and short must be >= 1, 1 <= min <= match, "
                             f"nodes < {MAX_NODES}")
         self.max_depth, self.n, self.branches, self.match, self.min_match = depth, nodes + 1, branches, match, min_match
-        self.sizes = tuple(sorted({1, min(6, self.n), self.n}))  # rows a step may verify (compiled shapes)
-        given = dict(depth=depth, nodes=nodes, branches=branches, match=match, min=min_match)
+        self.short = min(short, depth)
+        self.sizes = tuple(sorted({1, min(self.short * branches + 1, self.n), self.n}))  # rows a step may verify
+        given = dict(depth=depth, nodes=nodes, branches=branches, match=match, min=min_match, short=short)
         changed = ",".join(f"{k}={v}" for k, v in given.items() if v != NGRAM_DEFAULTS[k])
         self.name = "ngram" + (":" + changed if changed else "")
         self.device = torch.device("cpu")
@@ -421,27 +463,44 @@ class NgramTree:
         t.__dict__.update(self.__dict__, device=torch.device(device))
         return t
 
-    def continuations(self, tokens: list[int], scan: int = 64) -> list[list[int]]:
+    def continuations(self, tokens: list[int], earlier: EarlierTexts | None = None) -> list[list[int]]:
         """Up to `branches` continuations (most recent occurrence first, none a prefix of another:
         a longer one replaces it) of the longest suffix of `tokens`, `min` to `match` long, that
-        occurred earlier in them; the `scan` most recent occurrences are read."""
+        occurred earlier in them, or else in the `earlier` texts; the SCAN most recent occurrences
+        are read. A suffix shorter than `match` continues at most `short` tokens."""
+        return self._look_up(tokens, earlier)[1]
+
+    def copying(self, tokens: list[int], earlier: EarlierTexts | None = None) -> bool:
+        """Whether the text is being copied: its last `match` tokens occurred before."""
+        return self._look_up(tokens, earlier)[0] == self.match
+
+    def _look_up(self, tokens: list[int], earlier: EarlierTexts | None) -> tuple[int, list[list[int]]]:
+        """(length of the suffix matched, its continuations)."""
+        found = self._follow(tokens, [j for j in range(len(tokens) - 2, -1, -1) if tokens[j] == tokens[-1]], tokens)
+        if not found[1] and earlier is not None and self.match >= 2:
+            found = self._follow(earlier.tokens, earlier.ends(tokens), tokens)
+        return found
+
+    def _follow(self, text: list[int], ends: list[int], tokens: list[int]) -> tuple[int, list[list[int]]]:
+        """The continuations in `text` of the longest suffix of `tokens` that ends at one of `ends`."""
         n = len(tokens)
-        ends = [j for j in range(n - 2, -1, -1) if tokens[j] == tokens[-1]]  # earlier ends of a 1-token match
-        for m in range(min(self.match, n - 1), self.min_match - 1, -1):
+        for m in range(min(self.match, n), self.min_match - 1, -1):
             suffix, found = tokens[n - m:], []
-            for j in [j for j in ends if j + 1 >= m and tokens[j + 1 - m:j + 1] == suffix][:scan]:
-                cont = tokens[j + 1:j + 1 + self.max_depth]
-                if any(f[:len(cont)] == cont for f in found):
+            length = self.max_depth if m == self.match else self.short
+            for j in [j for j in ends if j + 1 >= m and text[j + 1 - m:j + 1] == suffix][:SCAN]:
+                cont = text[j + 1:j + 1 + length]
+                cont = cont[:cont.index(UNDRAFTED)] if UNDRAFTED in cont else cont  # an earlier text ends
+                if not cont or any(f[:len(cont)] == cont for f in found):
                     continue
                 found = [f for f in found if cont[:len(f)] != f]  # those it extends
                 if len(found) < self.branches:
                     found.append(cont)
             if found:
-                return found
-        return []
+                return m, found
+        return 0, []
 
-    def extend(self, tokens: list[int], tree: StepTree | None = None, sizes: tuple[int, ...] | None = None,
-               max_depth: int | None = None) -> StepTree:
+    def extend(self, tokens: list[int], tree: StepTree | None = None, earlier: EarlierTexts | None = None,
+               sizes: tuple[int, ...] | None = None, max_depth: int | None = None) -> StepTree:
         """This step's tree: `tree` (the draft's; None: the root alone, the last committed token)
         with the continuations of `tokens` added as branches (a trie merged into it), at most
         sizes[-1] nodes, padded with UNDRAFTED nodes (never accepted) to the smallest of `sizes`
@@ -457,7 +516,7 @@ class NgramTree:
         kids = [0] * drafted  # children per node
         for p in node["parents"][1:]:
             kids[p] += 1
-        conts, counts = self.continuations(tokens), {}
+        conts, counts = self.continuations(tokens, earlier), {}
         for cont in conts:
             at = 0
             for tok in cont:
@@ -508,8 +567,8 @@ class MixedTree:
     def to(self, device) -> "MixedTree":
         return MixedTree(self.grown.to(device), self.ngram.to(device))
 
-    def extend(self, tokens: list[int], tree: StepTree) -> StepTree:
-        return self.ngram.extend(tokens, tree, self.sizes, self.max_depth)
+    def extend(self, tokens: list[int], tree: StepTree, earlier: EarlierTexts | None = None) -> StepTree:
+        return self.ngram.extend(tokens, tree, earlier, self.sizes, self.max_depth)
 
     def __repr__(self) -> str:
         return f"MixedTree({self.name})"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minitree
-from minitree.auto import NGRAM_NODES, Auto, Config
+from minitree.auto import HORIZON, NGRAM_NODES, Auto, Config
 from reference import T1, chi_square_pvalue, plain, prompt, sample_transitions, transition_matrix
 from tiny import save_random
 
@@ -18,7 +18,7 @@ def cycling(monkeypatch, seed=0):
     """Make Auto.choose pick configurations at random (plain included): every switch, catch-up
     after plain steps and new shape is exercised."""
     rng = random.Random(seed)
-    monkeypatch.setattr(Auto, "choose", lambda self: self.configs[0] if rng.random() < 0.4 else rng.choice(self.configs))
+    monkeypatch.setattr(Auto, "choose", lambda self, *args: self.configs[0] if rng.random() < 0.4 else rng.choice(self.configs))
 
 
 def test_greedy_exact_while_switching(pair, monkeypatch):
@@ -145,3 +145,18 @@ def test_prices_ngram_branches_by_what_they_would_have_accepted():
 
     assert after(list(range(12)) * 10) > 3
     assert after(prompt(120, 7)) < 1.05
+
+
+def test_a_copy_takes_ngram_branches_alone_and_a_switch_to_drafting_pays_the_catch_up():
+    """While the text is being copied (its last tokens occurred before, a full n-gram match), every
+    step verifies n-gram branches alone, whatever was chosen; and a drafting configuration is
+    priced with the draft's catch-up on the tokens committed without it (a new text: its prompt)."""
+    a = Auto(lambda rows: 0.01 * rows, lambda rows: 0.2)
+    copied = list(range(40)) + list(range(20))  # the last 8+ tokens occurred before
+    assert a.choose(0, copied).name == "ngram:nodes=10" and a.current.depth
+    assert a.choose(0, prompt(60, 9)) is a.current  # nothing copied: the configuration chosen
+    tree = a.current
+    a.behind = 0
+    cheap = a.predicted(tree)
+    a.behind = 300  # ten 32-row draft forwards (3 s here), spread over HORIZON steps
+    assert a.predicted(tree) < cheap and a.catch_up_seconds(tree) == pytest.approx(3.0 / HORIZON, rel=0.05)

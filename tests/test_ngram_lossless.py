@@ -10,7 +10,7 @@ import torch
 
 import minitree
 import minitree.accept
-from minitree.tree import UNDRAFTED, MixedTree, NgramTree, StepTree, Tree
+from minitree.tree import UNDRAFTED, EarlierTexts, MixedTree, NgramTree, StepTree, Tree
 from reference import FAST, T1, chi_square_pvalue, generate, plain, prompt, sample_transitions, transition_matrix
 
 
@@ -31,15 +31,28 @@ def test_a_continuation_that_extends_another_replaces_it():
     assert short.continuations([1, 5, 1, 5, 1]) == [[5, 1]]  # the same continuation twice is one branch
 
 
+def test_a_short_match_guesses_short_and_earlier_texts_answer_when_the_text_has_none():
+    spec = NgramTree(depth=4, nodes=8, branches=1, match=3, min_match=2, short=2)
+    earlier = EarlierTexts(limit=12)
+    earlier.add([7, 1, 2, 3, 4, 5])
+    assert spec.continuations([9, 1, 2]) == []
+    assert spec.continuations([9, 1, 2], earlier) == [[3, 4]]  # a 2-token match: at most `short` tokens
+    assert spec.continuations([9, 8, 1, 2, 3], earlier) == [[4, 5]]  # a full match: up to the earlier text's end
+    assert spec.continuations([1, 2, 0, 1, 2], earlier) == [[0, 1]]  # the text itself comes first
+    earlier.add([6] * 7)  # 13 tokens in all: the oldest text goes
+    assert earlier.texts == [[6] * 7] and spec.continuations([9, 1, 2], earlier) == []
+
+
 def test_branches_share_their_prefixes_and_pad_to_a_compiled_size():
     spec = NgramTree(depth=3, nodes=8, branches=2, match=3, min_match=1)
     tokens = [1, 5, 6, 2, 9, 1, 5, 6, 3, 1, 5]  # after [1, 5]: [6, 3, 1] and [6, 2, 9]
     tree = spec.extend(tokens)
-    assert spec.sizes == (1, 6, 9) and tree.tokens.tolist() == [5, 6, 3, 1, 2, 9]
-    assert tree.parents.tolist() == [0, 0, 1, 2, 1, 4] and tree.depth.tolist() == [0, 1, 2, 3, 2, 3]
+    assert spec.sizes == (1, 7, 9)  # 7 rows: two guesses of at most 3 tokens (a 2-token match is shorter than 3)
+    assert tree.tokens.tolist() == [5, 6, 3, 1, 2, 9, UNDRAFTED]
+    assert tree.parents.tolist()[:6] == [0, 0, 1, 2, 1, 4] and tree.depth.tolist()[:6] == [0, 1, 2, 3, 2, 3]
     assert tree.children[1].tolist()[:2] == [2, 4]  # node 1 (token 6) has two children, ranks 0 and 1
-    padded = spec.extend([1, 5, 6, 1, 5])  # one continuation, [6, 1, 5]: four nodes in six rows
-    assert padded.tokens.tolist() == [5, 6, 1, 5, UNDRAFTED, UNDRAFTED] and padded.rank.tolist() == [0, 0, 0, 0, 1, 2]
+    padded = spec.extend([1, 5, 6, 1, 5])  # one continuation, [6, 1, 5]: four nodes in seven rows
+    assert padded.tokens.tolist() == [5, 6, 1, 5, *[UNDRAFTED] * 3] and padded.rank.tolist() == [0, 0, 0, 0, 1, 2, 3]
     plain_step = spec.extend([1, 2, 3])
     assert plain_step.tokens.tolist() == [3]  # nothing found: one row, plain decoding
 
@@ -106,6 +119,16 @@ def test_greedy_equals_plain_greedy(pair, spec):
     assert result.stats.from_ngram == sum(result.stats.accepted_ranks.values())  # every accepted node
 
 
+def test_a_text_decoded_again_is_proposed_from_the_earlier_one(pair):
+    target, _ = pair
+    ids = prompt(40, 5)
+    engine = minitree.Engine(target, None, "ngram", compile=False, attention="sdpa", max_seq_len=512)
+    first, again = engine.generate(ids, 60), engine.generate(ids, 60)
+    assert first.tokens == again.tokens == plain(target, ids, 60)
+    print(f"tau {first.stats.tau:.2f}, then {again.stats.tau:.2f}")
+    assert again.stats.tau > 8 and again.stats.tau > 2 * first.stats.tau
+
+
 SAMPLED = [(False, "ngram:depth=3,nodes=4,branches=2,match=2,min=1"),
            (True, "2,1+ngram:depth=3,nodes=4,branches=2,match=2,min=1")]
 
@@ -128,7 +151,7 @@ def test_negative_control_sampling_without_the_residual_update(markov_pair, monk
     assert pvalue < 1e-6
 
 
-@pytest.mark.parametrize("spec, message", [("ngram:depth=0", "must be >= 1"), ("ngram:min=7", "min <= match"),
+@pytest.mark.parametrize("spec, message", [("ngram:depth=0", "must be >= 1"), ("ngram:min=9", "min <= match"),
                                            ("ngram:width=2", "cannot read 'width=2'")])
 def test_malformed_specs_are_reported(spec, message):
     with pytest.raises(minitree.TreeError, match=message):
