@@ -204,8 +204,9 @@ class Auto:
         if not c.ngram:
             return switch
         found = self.found / max(self.lookups, 1e-9)
-        steady = self.mixed_catch_up if self.mixed_catch_up is not None else found * (self.draft_cost(4) + self.draft_extra)
-        return switch + steady
+        if self.mixed_catch_up is None:  # not seen yet: a 4-row draft forward wherever a continuation is found
+            return switch + found * (self.draft_cost(4) + self.draft_extra)
+        return switch + self.mixed_catch_up
 
     def modelled(self, c: Config) -> tuple[float, float]:
         """(committed tokens, seconds) per step, from the acceptance and cost models; n-gram branches
@@ -215,7 +216,8 @@ class Auto:
         if c.depth == 0 and c.ngram:  # the smallest size holding the mean trie (NgramTree.sizes)
             trie = min(self.trie / max(self.found, 1e-9), c.ngram) + 1
             size = min(s for s in c.spec.sizes if s >= trie)
-            return 1.0 + self.ngram_tokens(c.ngram), (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
+            seconds = (1 - found) * self.verify_seconds(1) + found * self.verify_seconds(size)
+            return 1.0 + self.ngram_tokens(c.ngram), seconds
         verify = self.verify_seconds(rows)
         if c.depth == 0:
             return 1.0, verify
@@ -268,9 +270,10 @@ class Auto:
     # ------------------------------------------------------------------------------------
     def observe(self, config: Config, step, n: int, history: list[int], earlier: EarlierTexts | None = None) -> None:
         """One step (stats.Step) along `config` that committed n tokens, the last of `history` (the
-        committed tokens; `earlier`: the texts n-gram branches also search): the confidences of the verified nodes and which were accepted, the
-        confidence of every drafted candidate, the draft levels run, what n-gram branches would have
-        proposed at its root, and (when the engine times its steps) what drafting and verifying cost."""
+        committed tokens; `earlier`: the texts n-gram branches also search): the confidences of the
+        verified nodes and which were accepted, the confidence of every drafted candidate, the draft
+        levels run, what n-gram branches would have proposed at its root, and (when the engine times
+        its steps) what drafting, verifying and the draft's catch-up cost."""
         tree, levels = step.tree, step.levels
         path = step.path[:n].tolist()
         accepted, drafted = set(path), config.spec.ngram_from  # nodes below it are the draft's
@@ -295,7 +298,8 @@ class Auto:
         drafted_last, self.drafted_last = self.drafted_last, bool(levels)
         if timed and levels and config.ngram and drafted_last:  # the steady state beside n-gram branches
             catch_up = step.times.get("catch_up", 0.0)
-            self.mixed_catch_up = catch_up if self.mixed_catch_up is None else 0.9 * self.mixed_catch_up + 0.1 * catch_up
+            seen = catch_up if self.mixed_catch_up is None else self.mixed_catch_up
+            self.mixed_catch_up = 0.9 * seen + 0.1 * catch_up
         if config.depth == 0:
             return
         if timed and levels:
