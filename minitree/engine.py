@@ -73,6 +73,11 @@ class Committed:
             leading = next((i for i, row in enumerate(expanded) if row == 0), len(expanded))
             self.draft_cached = min(base + 1 + leading, self.length - 2)
 
+    @property
+    def uncached(self) -> int:
+        """Committed slots the draft must cache before it drafts (every one but the last two)."""
+        return max(self.length - 2 - self.draft_cached, 0)
+
     def rewind(self, length: int) -> None:
         """Forget the committed tokens after the first `length`."""
         self.n.fill_(length)
@@ -229,8 +234,7 @@ class Engine:
         shapes compiled (seconds to stats) -> the configuration; other trees: None."""
         if self.auto is None:
             return None
-        seq = self.seq
-        config = tp.broadcast(self.auto.choose(max(seq.length - 2 - seq.draft_cached, 0), seq.history, self.earlier))
+        config = tp.broadcast(self.auto.choose(self.seq.uncached, self.seq.history, self.earlier))
         self.tree = self._spec(config)
         stats.compile_s += self._compile(self._shapes(self.tree))
         return config
@@ -260,7 +264,7 @@ class Engine:
         clock = Clock(self.timed, self.timed and self.device.type == "cuda")
         seq = self.seq
         seq.stepping()
-        if self.tree.drafts and seq.draft_cached < seq.length - 2:  # after the prompt, or plain steps of auto
+        if self.tree.drafts and seq.uncached:  # after the prompt, or plain steps of auto
             self.draft.cache(seq.tokens, seq.draft_cached, seq.length - 2)
             clock.lap("catch_up")
         if self.graphs is None or self.tree.looks_up:  # proposals made on the host: not capturable

@@ -422,7 +422,7 @@ class EarlierTexts:
 
     def ends(self, tokens: list[int]) -> list[int]:
         """Where the last two of `tokens` occurred (their second), most recent first."""
-        return self.at.get(tuple(tokens[-2:]), [])[::-1][:4 * SCAN] if len(tokens) >= 2 else []
+        return self.at.get(tuple(tokens[-2:]), [])[-4 * SCAN:][::-1] if len(tokens) >= 2 else []
 
 
 class NgramTree:
