@@ -53,13 +53,14 @@ def test_kernels_read_every_type_exactly(kind):
 
 @pytest.mark.parametrize("kind", SUPPORTED)
 def test_every_path_and_row_count_gives_the_same_bits(kind):
-    """Each row's output has the same bits alone or among 2..17 rows, and on every instruction-set path
-    this CPU has (AVX512-VNNI, AVX-VNNI, AVX2, AMX-INT8) as on the plain-loop specification."""
+    """Each row's output has the same bits alone or among 2..17, 33 or 40 rows (the AMX path's tiles take
+    16), and on every instruction-set path this CPU has (AVX512-VNNI, AVX-VNNI, AVX2, AMX-INT8) as on
+    the plain-loop specification."""
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     groups = GGUFLinear.from_blocks(torch.from_numpy(packed(w, kind)), kind, 512, None, torch.bfloat16).groups
-    qtype, x = int(GGMLQuantizationType[kind]), torch.randn(17, 512).bfloat16()
-    alone = torch.cat([kernels().int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(17)])
-    for rows in range(1, 18):
+    qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16()
+    alone = torch.cat([kernels().int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(40)])
+    for rows in [*range(1, 18), 33, 40]:
         for path, name in enumerate(PATHS):
             index = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx").index(name)
             assert torch.equal(kernels().int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)

@@ -266,9 +266,11 @@ static at::Tensor quantize_weights(const at::Tensor& w, int64_t type) {
 // Activations: each row quantized by itself (ggml's reference rules)
 
 struct Act {
-  std::vector<int8_t> q;   // [R, K]
-  std::vector<float> d;    // [R, K / block]
-  std::vector<int32_t> s;  // [R, K / sub]: sums of q over each sub-block
+  std::vector<int8_t> q;         // [R, K]
+  std::vector<float> d;          // [R, K / block]
+  std::vector<int32_t> s;        // [R, K / sub]: sums of q over each sub-block
+  std::vector<int32_t> s_pairs;  // [R, K / sub / 2] (k-quants): those sums two by two as int16 pairs,
+                                 // the operand of one pair product with two sub-blocks' scales or mins
   int64_t K;
 };
 
@@ -278,7 +280,8 @@ template <class T>
 static Act quantize(const at::Tensor& x) {
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t R = xf.size(0), K = xf.size(1), nb = K / T::block;
-  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)), K};
+  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)),
+        std::vector<int32_t>(T::scales ? R * (K / T::sub / 2) : 0), K};
   const float* xp = xf.data_ptr<float>();
   // Blocks are quantized independently: threads split them (a block's result does not depend on which).
   at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
@@ -303,6 +306,11 @@ static Act quantize(const at::Tensor& x) {
         for (int i = 0; i < T::sub; ++i) s += q[T::sub * j + i];
         a.s[r * (K / T::sub) + b * T::subs + j] = s;
       }
+      if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
+        for (int p = 0; p < T::subs / 2; ++p) {
+          const int32_t* s = a.s.data() + r * (K / T::sub) + b * T::subs;
+          a.s_pairs[r * (K / T::sub / 2) + b * T::subs / 2 + p] = (s[2 * p] & 0xFFFF) | (s[2 * p + 1] << 16);
+        }
     }
   });
   return a;
@@ -404,8 +412,8 @@ static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
 }
 // vpmaddubsw sums level x int8 pairs in int16 (saturating: safe for levels < 128), vpmaddwd the pairs
 // of pairs into int32. 8-bit levels go in two halves, 16 * high nibbles + low nibbles.
-template <int BITS, int QUADS, int NR>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
+template <int BITS, int QUADS, int R>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0xF);
   for (int r = 0; r < R; ++r) {
     __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -426,9 +434,6 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
-static constexpr bool TILES = false;
-static inline void begin_rows(int, int) {}
-static inline void end_rows() {}
 #include "integer_paths.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -445,8 +450,8 @@ static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair produ
   std::memcpy(&acc, r, 64);
   return acc;
 }
-template <int BITS, int QUADS, int NR>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
+template <int BITS, int QUADS, int R>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
   for (int r = 0; r < R; ++r) {
     __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int q = 0; q < QUADS; ++q) {
@@ -459,9 +464,6 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
-static constexpr bool TILES = false;
-static inline void begin_rows(int, int) {}
-static inline void end_rows() {}
 #include "integer_paths.h"
 }  // namespace avx_vnni
 #pragma GCC pop_options
@@ -481,8 +483,8 @@ static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<I32>(SIGNED ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
 }
-template <int BITS, int QUADS, int NR>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I32* dots) {
+template <int BITS, int QUADS, int R>
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
   for (int r = 0; r < R; ++r) {  // two sums per row: half the dependency chain (integer sums, any order)
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int q = 0; q < QUADS; ++q)
@@ -490,9 +492,6 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int R, I3
     dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
   }
 }
-static constexpr bool TILES = false;
-static inline void begin_rows(int, int) {}
-static inline void end_rows() {}
 #include "integer_paths.h"
 }  // namespace avx512_vnni
 #pragma GCC pop_options
@@ -503,42 +502,103 @@ static bool amx_permitted() {  // Linux hands out the tile registers' state on r
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma,amx-tile,amx-int8")
 namespace amx {
 using avx512_vnni::dpwssd;
 using avx512_vnni::halves;
+using avx512_vnni::unpack;
 using avx512_vnni::widen;
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-// Two tile sets: 0 and 3: C [R, 16 int32]; 1 and 4: A [R, S int8] (R rows of x); 2 and 5: B [S / 4, 64 levels] (W).
-static inline void begin_rows(int R, int S) {
-  TileConfig c;
-  for (int t : {0, 3}) c.rows[t] = R, c.colsb[t] = 64;
-  for (int t : {1, 4}) c.rows[t] = R, c.colsb[t] = S;
-  for (int t : {2, 5}) c.rows[t] = S / 4, c.colsb[t] = 64;
-  _tile_loadconfig(&c);
+// Q4_K on tiles (AMX-INT8), for any number of rows. The sub-block scales (6 bits) enter the tile
+// operands, so that one pair of C tiles sums a whole block: B holds level * (sc & 7) and level *
+// (sc >> 3) (each at most 105, one unsigned byte, looked up in a table of products), and
+// S = C_lo + 8 C_hi is the specification's integer sum over sub-blocks of sc * dot. A block's levels
+// are expanded once and multiplied into every 16 rows of x (rows past R are zeros: mm_op pads them).
+// The work is a pipeline, so that no tile load waits on the vector stores just made and no vector
+// load on a tile store: blocks are expanded two ahead of their products, and 16 rows' products are
+// scaled two steps behind.
+static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
+  using T = F<Q4_K>;
+  constexpr int J = T::subs, Q = T::quads;
+  const int64_t K = a.K, nb = K / T::block, ns = K / T::sub, chunks = (R + 15) / 16;
+  alignas(64) uint8_t table[128], idx[64];  // table[16 s + q] = s q: s a 3-bit piece of a scale, q a level
+  for (int i = 0; i < 128; ++i) table[i] = static_cast<uint8_t>((i / 16) * (i % 16));
+  for (int i = 0; i < 64; ++i) idx[i] = static_cast<uint8_t>(i / 4);
+  const __m512i tab0 = _mm512_load_si512(table), tab1 = _mm512_load_si512(table + 64);
+  const __m512i spread = _mm512_load_si512(idx);  // byte 4 o + i <- byte o: a scale beside its output's levels
+  at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;  // 0, 1: C lo, hi; then A, B lo, B hi twice
+    _tile_loadconfig(&c);
+    alignas(64) U8 W[Q], B[3][2][J][Q];  // [block % 3][lo, hi][sub-block][quad]
+    alignas(64) I32 C[3][2][16];         // [item % 3][lo, hi][row]
+    std::vector<F32> acc(R);
+    auto expand = [&](const uint8_t* gb, U8 (*out)[J][Q]) {
+      for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(gb + AHEAD + line);
+      for (int j = 0; j < J; ++j) {
+        const __m512i sc = _mm512_permutexvar_epi8(spread, _mm512_castsi128_si512(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::sc_at + 16 * j))));
+        const __m512i lo = _mm512_and_si512(_mm512_slli_epi16(sc, 4), _mm512_set1_epi8(0x70));
+        const __m512i hi = _mm512_and_si512(_mm512_slli_epi16(sc, 1), _mm512_set1_epi8(0x70));
+        unpack<T>(gb + T::levels_at + j * T::level_bytes, W);
+        for (int q = 0; q < Q; ++q) {
+          const __m512i w = reinterpret_cast<__m512i>(W[q]);
+          out[0][j][q] = reinterpret_cast<U8>(_mm512_permutex2var_epi8(tab0, _mm512_or_si512(w, lo), tab1));
+          out[1][j][q] = reinterpret_cast<U8>(_mm512_permutex2var_epi8(tab0, _mm512_or_si512(w, hi), tab1));
+        }
+      }
+    };
+    // Block b's products with rows r0.. (C: lo, hi) into acc.
+    auto finish = [&](const uint8_t* gb, int64_t b, int64_t r0, const I32 (*Cs)[16]) {
+      I32 pairs[J / 2];  // Q4_K's mins, two sub-blocks per int16 pair (as in `group`)
+      for (int p = 0; p < J / 2; ++p)
+        pairs[p] = (widen<false>(gb + T::m_at + 32 * p) & 0xFFFF) | (widen<false>(gb + T::m_at + 32 * p + 16) << 16);
+      const F32 d = halves(gb + T::d_at), cm = halves(gb + T::c_at);
+      for (int64_t r = r0; r < std::min(R, r0 + 16); ++r) {
+        const I32 S = Cs[0][r - r0] + (Cs[1][r - r0] << 3);
+        const int32_t* s2 = a.s_pairs.data() + r * ns / 2 + b * J / 2;
+        I32 M{};
+        for (int p = 0; p < J / 2; ++p) M = dpwssd(M, pairs[p], I32{} + s2[p]);
+        const float x = a.d[r * nb + b];
+        acc[r] = acc[r] + (x * d) * __builtin_convertvector(S, F32);
+        acc[r] = acc[r] + (x * cm) * __builtin_convertvector(M, F32);
+      }
+    };
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const uint8_t* g = gp + gi * group_bytes;
+      for (int64_t r = 0; r < R; ++r) acc[r] = F32{};
+      expand(g, B[0]);
+      if (nb > 1) expand(g + T::bytes, B[1]);
+      for (int64_t i = 0; i < nb * chunks; ++i) {  // items: (block, 16 rows), block by block
+        const int64_t b = i / chunks, r0 = 16 * (i % chunks);
+        _tile_zero(0);
+        _tile_zero(1);
+        // 64 inputs (two sub-blocks) per product; operands alternate between two tile sets (A: 2, 5;
+        // B lo: 3, 6; B hi: 4, 7), so that one set loads while the other multiplies.
+#define PRODUCTS(k, A, LO, HI)                                              \
+  _tile_loadd(A, a.q.data() + r0 * K + b * T::block + 64 * k, K);          \
+  _tile_loadd(LO, &B[b % 3][0][2 * k], 64);                                \
+  _tile_loadd(HI, &B[b % 3][1][2 * k], 64);                                \
+  _tile_dpbsud(0, A, LO);                                                  \
+  _tile_dpbsud(1, A, HI);
+        PRODUCTS(0, 2, 3, 4) PRODUCTS(1, 5, 6, 7) PRODUCTS(2, 2, 3, 4) PRODUCTS(3, 5, 6, 7)
+#undef PRODUCTS
+        _tile_stored(0, C[i % 3][0], 64);
+        _tile_stored(1, C[i % 3][1], 64);
+        if (r0 == 0 && b + 2 < nb) expand(g + (b + 2) * T::bytes, B[(b + 2) % 3]);
+        if (i > 1) finish(g + (i - 2) / chunks * T::bytes, (i - 2) / chunks, 16 * ((i - 2) % chunks), C[(i - 2) % 3]);
+      }
+      for (int64_t i = std::max<int64_t>(0, nb * chunks - 2); i < nb * chunks; ++i)
+        finish(g + i / chunks * T::bytes, i / chunks, 16 * (i % chunks), C[i % 3]);
+      for (int64_t r = 0; r < R; ++r) std::memcpy(y + r * ldy + 16 * gi, &acc[r], 64);
+    }
+    _tile_release();
+  });
 }
-static inline void end_rows() { _tile_release(); }
-static constexpr bool TILES = true;
-// C = A B (signed A: activations, unsigned B: levels), stored; tile numbers are literals (gcc's intrinsics are macros).
-#define TILE_DOTS(C, A, B)     \
-  do {                         \
-    _tile_loadd(A, x, ldx);    \
-    _tile_loadd(B, W, 64);     \
-    _tile_zero(C);             \
-    _tile_dpbsud(C, A, B);     \
-    _tile_stored(C, dots, 64); \
-  } while (0)
-template <int BITS, int QUADS, int NR>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, int set, I32* dots) {
-  if (set == 0) TILE_DOTS(0, 1, 2);
-  else TILE_DOTS(3, 4, 5);
-}
-#undef TILE_DOTS
-#include "integer_paths.h"
 }  // namespace amx
 #pragma GCC pop_options
 
@@ -556,7 +616,8 @@ static bool available(int path) {
     case AVX_VNNI: return available(AVX2) && __builtin_cpu_supports("avxvnni");
     case AVX512_VNNI: return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
-    case AMX: return available(AVX512_VNNI) && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+    case AMX: return available(AVX512_VNNI) && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("amx-tile") &&
+                     __builtin_cpu_supports("amx-int8") &&
                      amx_permitted();
   }
   return false;
@@ -602,7 +663,8 @@ at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64
     using T = decltype(f);
     TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,
                 "minitree mm: x of ", K, " features does not match groups of ", groups.size(1), " bytes");
-    const Act a = quantize<T>(x);
+    Act a = quantize<T>(x);
+    if (path == AMX && T::type_id == Q4_K) a.q.resize((R + 15) / 16 * 16 * K);  // whole tiles of rows: zeros past R
     const uint8_t* gp = groups.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
     constexpr int TYPE = T::type_id;
@@ -611,7 +673,9 @@ at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64
       case AVX2: return avx2::mm<T>(gp, groups.size(1), a, R, padded, yp);
       case AVX_VNNI: return avx_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
       case AVX512_VNNI: return avx512_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
-      default: return amx::mm<T>(gp, groups.size(1), a, R, padded, yp);
+      default:  // AMX: Q4_K on tiles, the other formats on the AVX512-VNNI path
+        if constexpr (TYPE == Q4_K) return amx::mm_q4_k(gp, groups.size(1), a, R, padded, yp);
+        else return avx512_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
     }
   });
   return (padded == O ? y : y.narrow(1, 0, O)).to(x.scalar_type());

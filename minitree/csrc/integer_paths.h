@@ -1,7 +1,6 @@
 // The vector paths' driver (integer.cpp), included once per instruction set inside its namespace,
 // after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes -> int32), `dpwssd` (int16 pair
-// products), `sub_dots`, TILES (whether sub_dots runs on AMX tiles, for up to 16 rows: its R argument
-// then names one of two tile sets) and `begin_rows`/`end_rows` (tile setup).
+// products) and `sub_dots` (one sub-block's int32 dots with R rows).
 // It computes integer.cpp's formulas in the same order as mm_portable, 16 outputs per vector.
 
 // Sub-block levels -> W [quads] of 64 bytes (byte 4 o + i: output o, input 4 quad + i).
@@ -25,23 +24,22 @@ static inline void unpack(const uint8_t* L, U8* W) {
   }
 }
 
-// One group of 16 outputs for R rows (from row r0 of a), into y (row stride ldy): NR rows (a
-// compile-time count, so that a few rows' sums stay in registers), or, with NR = 0, R <= 16 (tiles).
-template <class T, int NR>
-static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y, int64_t ldy) {
-  constexpr int J = T::subs, N = NR ? NR : 16;
-  const int R = NR ? NR : rows;
+// One group of 16 outputs for R rows (from row r0 of a), into y (row stride ldy); R is a compile-time
+// count, so that a few rows' sums stay in registers.
+template <class T, int R>
+static void group(const uint8_t* g, const Act& a, int64_t r0, float* y, int64_t ldy) {
+  constexpr int J = T::subs;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
   const int8_t* xq = a.q.data() + r0 * K;
   const float* xd = a.d.data() + r0 * nb;
   const int32_t* xs = a.s.data() + r0 * ns;
-  F32 acc[N];
+  F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
 
   // Block b's sums: dots(j) gives sub-block j's dots with the R rows.
   auto finish = [&](int64_t b, auto dots) {
     const uint8_t* gb = g + b * T::bytes;
-    I32 S[N], M[N];
+    I32 S[R], M[R];
     for (int r = 0; r < R; ++r) S[r] = I32{}, M[r] = I32{};
     if constexpr (T::scales) {
       // The rows' sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
@@ -51,9 +49,9 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
       for (int p = 0; p < J / 2; ++p)
         pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
       for (int r = 0; r < R; ++r) {
-        const int32_t* s = xs + r * ns + b * J;
+        const int32_t* s2 = a.s_pairs.data() + (r0 + r) * ns / 2 + b * J / 2;
         I32 sum{};
-        for (int p = 0; p < J / 2; ++p) sum = dpwssd(sum, pairs[p], I32{} + ((s[2 * p] & 0xFFFF) | (s[2 * p + 1] << 16)));
+        for (int p = 0; p < J / 2; ++p) sum = dpwssd(sum, pairs[p], I32{} + s2[p]);
         if constexpr (T::type_id == Q4_K) M[r] = sum;
         else S[r] = sum * -T::offset;
       }
@@ -85,35 +83,15 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
     for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + b * T::bytes + AHEAD + line);
   };
 
-  if constexpr (TILES) {
-    // A block's levels are unpacked one block ahead of its tile multiplies, and their products scaled
-    // one block behind: no tile load waits on the vector stores just made, no vector load on a tile
-    // store. Sub-blocks alternate between two tile sets, so that one's latency hides behind the other.
-    alignas(64) U8 levels[2][J][T::quads];
-    alignas(64) I32 dots[2][J][N];
-    auto unpack_block = [&](int64_t b) {
-      for (int j = 0; j < J; ++j) unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, levels[b % 2][j]);
-    };
-    unpack_block(0);
-    for (int64_t b = 0; b < nb; ++b) {
-      prefetch(b);
-      if (b + 1 < nb) unpack_block(b + 1);
-      for (int j = 0; j < J; ++j)
-        sub_dots<T::bits, T::quads, NR>(levels[b % 2][j], xq + b * T::block + j * T::sub, K, j % 2, dots[b % 2][j]);
-      if (b > 0) finish(b - 1, [&](int j) { return dots[(b - 1) % 2][j]; });
-    }
-    finish(nb - 1, [&](int j) { return dots[(nb - 1) % 2][j]; });
-  } else {
-    alignas(64) U8 W[T::quads];
-    alignas(64) I32 dots[N];
-    for (int64_t b = 0; b < nb; ++b) {
-      prefetch(b);
-      finish(b, [&](int j) {
-        unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, W);
-        sub_dots<T::bits, T::quads, NR>(W, xq + b * T::block + j * T::sub, K, R, dots);
-        return static_cast<const I32*>(dots);
-      });
-    }
+  alignas(64) U8 W[T::quads];
+  alignas(64) I32 dots[R];
+  for (int64_t b = 0; b < nb; ++b) {
+    prefetch(b);
+    finish(b, [&](int j) {
+      unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, W);
+      sub_dots<T::bits, T::quads, R>(W, xq + b * T::block + j * T::sub, K, dots);
+      return static_cast<const I32*>(dots);
+    });
   }
   for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], 64);
 }
@@ -123,27 +101,20 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, int rows, float* y
 template <class T>
 static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
   at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
-    int configured = 0;
     for (int64_t gi = g0; gi < g1; ++gi)
       for (int64_t r = 0, n; r < R; r += n) {
         const int64_t left = R - r;
-        n = TILES ? std::min<int64_t>(16, left) : left >= 8 ? 8 : left >= 6 ? 6 : std::min<int64_t>(4, left);
+        n = left >= 8 ? 8 : left >= 6 ? 6 : std::min<int64_t>(4, left);
         const uint8_t* g = gp + gi * group_bytes;
         float* out = y + r * ldy + 16 * gi;
-        if constexpr (TILES) {
-          if (n != configured) begin_rows(static_cast<int>(n), T::sub), configured = static_cast<int>(n);
-          group<T, 0>(g, a, r, static_cast<int>(n), out, ldy);
-        } else {
-          switch (n) {
-            case 1: group<T, 1>(g, a, r, 1, out, ldy); break;
-            case 2: group<T, 2>(g, a, r, 2, out, ldy); break;
-            case 3: group<T, 3>(g, a, r, 3, out, ldy); break;
-            case 4: group<T, 4>(g, a, r, 4, out, ldy); break;
-            case 6: group<T, 6>(g, a, r, 6, out, ldy); break;
-            default: group<T, 8>(g, a, r, 8, out, ldy);
-          }
+        switch (n) {
+          case 1: group<T, 1>(g, a, r, out, ldy); break;
+          case 2: group<T, 2>(g, a, r, out, ldy); break;
+          case 3: group<T, 3>(g, a, r, out, ldy); break;
+          case 4: group<T, 4>(g, a, r, out, ldy); break;
+          case 6: group<T, 6>(g, a, r, out, ldy); break;
+          default: group<T, 8>(g, a, r, out, ldy);
         }
       }
-    if (configured) end_rows();
   });
 }
