@@ -64,7 +64,7 @@ DEEPER = 8  # while the deepest level is often accepted, one step in this many d
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
 HORIZON = 4 * RECHOOSE  # steps a switch to drafting is priced over (its catch-up spread across them)
 AUTO_SPECS = ("auto", "auto:draft")  # every configuration; or no n-gram branches (family's lookups=False)
-NGRAM_NODES = 10  # an n-gram-only configuration's nodes (verifies 1, 4 or 11 rows: shapes of the family)
+NGRAM_ONLY = (10, 15)  # n-gram-only configurations' nodes (verify 1, 4, 11 or 16 rows: shapes of the family)
 MIXED_TOTALS = (10, 15)  # a mixed configuration verifies the draft's nodes plus n-gram nodes up to these
 LOOKUP = NgramTree(nodes=max(MIXED_TOTALS))  # the continuations auto scores at every step's root
 
@@ -109,7 +109,7 @@ def family(drafts: bool = True, lookups: bool = True) -> list[Config]:
     plain decoding and the dynamic trees."""
     configs = [Config(0, 0)]
     if not drafts:
-        return configs + [Config(0, 0, ngram=NGRAM_NODES)]
+        return configs + [Config(0, 0, ngram=n) for n in NGRAM_ONLY]
     for w in WIDTHS:
         for d in DEPTHS[w == 1:]:  # at depth 1, every width drafts the same tree
             spec = DynamicTree(d, w, K, 1)
@@ -118,7 +118,7 @@ def family(drafts: bool = True, lookups: bool = True) -> list[Config]:
         return configs
     mixed = [Config(c.depth, c.nodes, c.width, total - c.nodes) for c in configs[1:] for total in MIXED_TOTALS
              if total - c.nodes >= 5]
-    return configs + [Config(0, 0, ngram=NGRAM_NODES)] + mixed
+    return configs + [Config(0, 0, ngram=n) for n in NGRAM_ONLY] + mixed
 
 
 @dataclass
@@ -170,8 +170,9 @@ class Auto:
 
     @functools.cached_property
     def copier(self) -> Config:
-        """N-gram branches alone: every step while the text is being copied (the draft would only cost)."""
-        return next(c for c in self.configs if c.ngram and not c.depth)
+        """The most n-gram branches alone: every step while the text is being copied (the draft would
+        only cost, and a copy runs long)."""
+        return max((c for c in self.configs if c.ngram and not c.depth), key=lambda c: c.ngram)
 
     # ------------------------------------------------------------------------------------
     def acceptance(self, conf: float) -> float:

@@ -383,8 +383,8 @@ class DynamicTree(TreeSpec):
 # tokens and branches off where they stop, so one verify checks both, and siblings still carry
 # distinct tokens.
 # Measured on the bench's recorded outputs (README): one continuation; a guess from a 2-7 token
-# match costs a 4-row verify, a copy from an 8-token match up to 13 rows.
-NGRAM_DEFAULTS = dict(depth=12, nodes=12, branches=1, match=8, min=2, short=3)
+# match costs a 4-row verify, a copy from an 8-token match up to 16 rows (one AMX tile of rows).
+NGRAM_DEFAULTS = dict(depth=15, nodes=15, branches=1, match=8, min=2, short=3)
 NGRAM_SYNTAX = "ngram or ngram:" + ",".join(f"{k}={v}" for k, v in NGRAM_DEFAULTS.items()) + " (any subset of the keys)"
 EARLIER_TOKENS = 1 << 16  # the most tokens of earlier texts kept for lookups
 SCAN = 64  # the most recent occurrences of a suffix read per lookup
