@@ -13,8 +13,9 @@
 // dot_j: sum of level * xq over sub-block j; xs[r, j]: sum of xq over it; off: the format's zero level.
 // So a row's output depends on that row alone: alone or beside 15 others, on any path below, the
 // same bits. The paths (AVX512-VNNI, AVX-VNNI, AVX2, AMX-INT8) differ only in how they form the
-// integer sub-block dots; `mm_portable` is the specification, written as plain loops, and the tests
-// compare every path with it bit for bit.
+// integer sums (the vector paths sub-block by sub-block; AMX, for Q4_K, a block's scaled sum in one
+// tile product); `mm_portable` is the specification, written as plain loops, and the tests compare
+// every path with it bit for bit.
 //
 // The file's blocks are regrouped once, at load (`repack`), by 16 outputs: per block of inputs, the
 // fp16 scales of 16 outputs, their integer sub-block scales, then each sub-block's levels as
