@@ -505,10 +505,10 @@ static bool amx_permitted() {  // Linux hands out the tile registers' state on r
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma,amx-tile,amx-int8")
 namespace amx {
-using avx512_vnni::dpwssd;
 using avx512_vnni::halves;
+using avx512_vnni::pair_sum;
+using avx512_vnni::scale_pairs;
 using avx512_vnni::unpack;
-using avx512_vnni::widen;
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -555,15 +555,12 @@ static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_
     };
     // Block b's products with rows r0.. (C: lo, hi) into acc.
     auto finish = [&](const uint8_t* gb, int64_t b, int64_t r0, const I32 (*Cs)[16]) {
-      I32 pairs[J / 2];  // Q4_K's mins, two sub-blocks per int16 pair (as in `group`)
-      for (int p = 0; p < J / 2; ++p)
-        pairs[p] = (widen<false>(gb + T::m_at + 32 * p) & 0xFFFF) | (widen<false>(gb + T::m_at + 32 * p + 16) << 16);
+      I32 mins[J / 2];
+      scale_pairs<T>(gb + T::m_at, mins);
       const F32 d = halves(gb + T::d_at), cm = halves(gb + T::c_at);
       for (int64_t r = r0; r < std::min(R, r0 + 16); ++r) {
         const I32 S = Cs[0][r - r0] + (Cs[1][r - r0] << 3);
-        const int32_t* s2 = a.s_pairs.data() + r * ns / 2 + b * J / 2;
-        I32 M{};
-        for (int p = 0; p < J / 2; ++p) M = dpwssd(M, pairs[p], I32{} + s2[p]);
+        const I32 M = pair_sum<T>(mins, a.s_pairs.data() + r * ns / 2 + b * J / 2);
         const float x = a.d[r * nb + b];
         acc[r] = acc[r] + (x * d) * __builtin_convertvector(S, F32);
         acc[r] = acc[r] + (x * cm) * __builtin_convertvector(M, F32);

@@ -24,6 +24,23 @@ static inline void unpack(const uint8_t* L, U8* W) {
   }
 }
 
+// A k-quant block's integer scales or mins (`by`: [subs][16 outputs] bytes; Q6_K's signed), two
+// sub-blocks per int32 lane as an int16 pair: the operand of one pair product with Act::s_pairs.
+template <class T>
+static inline void scale_pairs(const uint8_t* by, I32* pairs) {
+  for (int p = 0; p < T::subs / 2; ++p)
+    pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
+}
+
+// Sum over a block's sub-blocks of those scales or mins times one row's sub-block sums (s2: the
+// row's Act::s_pairs of the block), 16 outputs.
+template <class T>
+static inline I32 pair_sum(const I32* pairs, const int32_t* s2) {
+  I32 sum{};
+  for (int p = 0; p < T::subs / 2; ++p) sum = dpwssd(sum, pairs[p], I32{} + s2[p]);
+  return sum;
+}
+
 // One group of 16 outputs for R rows (from row r0 of a), into y (row stride ldy); R is a compile-time
 // count, so that a few rows' sums stay in registers.
 template <class T, int R>
@@ -44,14 +61,10 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, float* y, int64_t 
     if constexpr (T::scales) {
       // The rows' sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
       // -32 sum_j sc_j xs_j), two sub-blocks per int16 pair product.
-      const uint8_t* by = gb + (T::type_id == Q4_K ? T::m_at : T::sc_at);
       I32 pairs[J / 2];
-      for (int p = 0; p < J / 2; ++p)
-        pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
+      scale_pairs<T>(gb + (T::type_id == Q4_K ? T::m_at : T::sc_at), pairs);
       for (int r = 0; r < R; ++r) {
-        const int32_t* s2 = a.s_pairs.data() + (r0 + r) * ns / 2 + b * J / 2;
-        I32 sum{};
-        for (int p = 0; p < J / 2; ++p) sum = dpwssd(sum, pairs[p], I32{} + s2[p]);
+        const I32 sum = pair_sum<T>(pairs, a.s_pairs.data() + (r0 + r) * ns / 2 + b * J / 2);
         if constexpr (T::type_id == Q4_K) M[r] = sum;
         else S[r] = sum * -T::offset;
       }
