@@ -21,7 +21,7 @@ Kernel settings, and the form each layer uses for them:
   int4    lossy: weight-only int4, a scale and a zero per 32 input features (drafts only)
   tiles   a GGUF layer's own weights on the integer kernel's AMX-INT8 path (CPUs with AMX; Q4_K on
           tiles, other types on AVX512-VNNI): the same bits as its vector path, which serves "native";
-          the plan measures which is cheaper per row count (on the AMX Xeon: prefill chunks)
+          the plan measures which is cheaper per row count (on the AMX Xeon: 16 rows and more)
   q4      lossy: the weights requantized to GGUF's Q4_1 (min-max levels per 32 inputs, fp16 scale and
           minimum) on minitree's integer kernel (drafts only; inputs in multiples of 32, else int4)
 
