@@ -53,17 +53,22 @@ def test_kernels_read_every_type_exactly(kind):
 
 @pytest.mark.parametrize("kind", SUPPORTED)
 def test_every_path_and_row_count_gives_the_same_bits(kind):
-    """Each row's output has the same bits alone or among 2..17, 33 or 40 rows (the AMX path's tiles take
-    16), and on every instruction-set path this CPU has (AVX512-VNNI, AVX-VNNI, AVX2, AMX-INT8) as on
-    the plain-loop specification."""
+    """Each row's output has the same bits (its fp32 sum) alone or among 2..17, 33 or 40 rows (the AMX
+    path's tiles take 16), and on every instruction-set path this CPU has (AVX512-VNNI, AVX-VNNI, AVX2,
+    AMX-INT8) as on the plain-loop specification; in bf16 and fp16 it is that sum rounded once, as
+    torch rounds it."""
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     groups = GGUFLinear.from_blocks(torch.from_numpy(packed(w, kind)), kind, 512, None, torch.bfloat16).groups
-    qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16()
+    qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16().float()
     alone = torch.cat([kernels().int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(40)])
     for rows in [*range(1, 18), 33, 40]:
         for path, name in enumerate(PATHS):
             index = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx").index(name)
             assert torch.equal(kernels().int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)
+            for half in (torch.bfloat16, torch.float16):
+                xh = x[:rows].to(half)
+                assert torch.equal(kernels().int_mm(xh, groups, qtype, 48, index),
+                                   kernels().int_mm(xh.float(), groups, qtype, 48, 0).to(half)), (name, rows, half)
 
 
 def test_the_bit_identity_check_catches_another_summation_order():

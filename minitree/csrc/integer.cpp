@@ -279,16 +279,19 @@ struct Act {
 // Q8_0 (the others): per 32, d = amax / 127 rounded to fp16, the values by x / d rounded half away from zero.
 template <class T>
 static Act quantize(const at::Tensor& x) {
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t R = xf.size(0), K = xf.size(1), nb = K / T::block;
+  const auto xc = x.contiguous();
+  const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block;
   Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)),
         std::vector<int32_t>(T::scales ? R * (K / T::sub / 2) : 0), K};
-  const float* xp = xf.data_ptr<float>();
   // Blocks are quantized independently: threads split them (a block's result does not depend on which).
   at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
+    float v[T::block];  // a block of x in fp32 (exact from bf16 and fp16)
     for (int64_t rb = i0; rb < i1; ++rb) {
       const int64_t r = rb / nb, b = rb % nb;
-      const float* v = xp + r * K + b * T::block;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
+        const scalar_t* xp = xc.data_ptr<scalar_t>() + r * K + b * T::block;
+        for (int i = 0; i < T::block; ++i) v[i] = static_cast<float>(xp[i]);
+      });
       int8_t* q = a.q.data() + r * K + b * T::block;
       float amax = 0, max = 0;
       for (int i = 0; i < T::block; ++i)
@@ -317,14 +320,30 @@ static Act quantize(const at::Tensor& x) {
   return a;
 }
 
+// The output [R, ld] in x's dtype: each output's float sum rounded once, as torch's .to() rounds it.
+struct Out {
+  void* p;
+  int64_t ld;
+  at::ScalarType dtype;
+  void put(int64_t r, int64_t col, const float* v, int n) const {  // row r, outputs col.. col + n - 1
+    const int64_t at = r * ld + col;
+    if (dtype == at::kBFloat16)
+      for (int i = 0; i < n; ++i) static_cast<c10::BFloat16*>(p)[at + i] = c10::BFloat16(v[i]);
+    else if (dtype == at::kHalf)
+      for (int i = 0; i < n; ++i) static_cast<c10::Half*>(p)[at + i] = c10::Half(v[i]);
+    else
+      std::memcpy(static_cast<float*>(p) + at, v, 4 * n);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The specification: plain loops, one output at a time
 
 template <int TYPE>
-static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
+static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, const Out& y) {
   using T = F<TYPE>;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
-  at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, y.ld / 16, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi)
       for (int o = 0; o < 16; ++o)
         for (int64_t r = 0; r < R; ++r) {
@@ -362,7 +381,7 @@ static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, in
             acc = acc + (xd * half(g + T::d_at + 2 * o)) * static_cast<float>(S);
             if constexpr (T::mins) acc = acc + (xd * half(g + T::c_at + 2 * o)) * static_cast<float>(M);
           }
-          y[r * ldy + 16 * gi + o] = acc;
+          y.put(r, 16 * gi + o, &acc, 1);
         }
   });
 }
@@ -522,7 +541,7 @@ struct alignas(64) TileConfig {
 // The work is a pipeline, so that no tile load waits on the vector stores just made and no vector
 // load on a tile store: blocks are expanded two ahead of their products, and 16 rows' products are
 // scaled two steps behind.
-static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
+static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, const Out& y) {
   using T = F<Q4_K>;
   constexpr int J = T::subs, Q = T::quads;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub, chunks = (R + 15) / 16;
@@ -531,7 +550,7 @@ static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_
   for (int i = 0; i < 64; ++i) idx[i] = static_cast<uint8_t>(i / 4);
   const __m512i tab0 = _mm512_load_si512(table), tab1 = _mm512_load_si512(table + 64);
   const __m512i spread = _mm512_load_si512(idx);  // byte 4 o + i <- byte o: a scale beside its output's levels
-  at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, y.ld / 16, 1, [&](int64_t g0, int64_t g1) {
     TileConfig c;
     for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;  // 0, 1: C lo, hi; then A, B lo, B hi twice
     _tile_loadconfig(&c);
@@ -592,7 +611,7 @@ static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_
       }
       for (int64_t i = std::max<int64_t>(0, nb * chunks - 2); i < nb * chunks; ++i)
         finish(g + i / chunks * T::bytes, i / chunks, 16 * (i % chunks), C[i % 3]);
-      for (int64_t r = 0; r < R; ++r) std::memcpy(y + r * ldy + 16 * gi, &acc[r], 64);
+      for (int64_t r = 0; r < R; ++r) y.put(r, 16 * gi, reinterpret_cast<const float*>(&acc[r]), 16);
     }
     _tile_release();
   });
@@ -652,11 +671,13 @@ at::Tensor dequantize_op(at::Tensor groups, int64_t type, int64_t K, at::Tensor 
 at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && groups.dim() == 2 && groups.scalar_type() == at::kByte && groups.is_contiguous(),
               "minitree mm: x [R, K], groups [O / 16, bytes] uint8");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "minitree mm: x in float32, bfloat16 or float16");
   const int64_t R = x.size(0), K = x.size(1);
   path = path < 0 ? best() : path;
   TORCH_CHECK(path < PATHS && available(path), "minitree mm: path ", path, " does not run on this CPU");
   const int64_t padded = 16 * groups.size(0);
-  auto y = at::empty({R, padded}, x.options().dtype(at::kFloat));
+  auto y = at::empty({R, padded}, x.options());
   with_format(type, [&](auto f) {
     using T = decltype(f);
     TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,
@@ -664,19 +685,19 @@ at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64
     Act a = quantize<T>(x);
     if (path == AMX && T::type_id == Q4_K) a.q.resize((R + 15) / 16 * 16 * K);  // whole tiles of rows: zeros past R
     const uint8_t* gp = groups.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
+    const Out yp{y.data_ptr(), padded, x.scalar_type()};
     constexpr int TYPE = T::type_id;
     switch (path) {
-      case PORTABLE: return mm_portable<TYPE>(gp, groups.size(1), a, R, padded, yp);
-      case AVX2: return avx2::mm<T>(gp, groups.size(1), a, R, padded, yp);
-      case AVX_VNNI: return avx_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
-      case AVX512_VNNI: return avx512_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
+      case PORTABLE: return mm_portable<TYPE>(gp, groups.size(1), a, R, yp);
+      case AVX2: return avx2::mm<T>(gp, groups.size(1), a, R, yp);
+      case AVX_VNNI: return avx_vnni::mm<T>(gp, groups.size(1), a, R, yp);
+      case AVX512_VNNI: return avx512_vnni::mm<T>(gp, groups.size(1), a, R, yp);
       default:  // AMX: Q4_K on tiles, the other formats on the AVX512-VNNI path
-        if constexpr (TYPE == Q4_K) return amx::mm_q4_k(gp, groups.size(1), a, R, padded, yp);
-        else return avx512_vnni::mm<T>(gp, groups.size(1), a, R, padded, yp);
+        if constexpr (TYPE == Q4_K) return amx::mm_q4_k(gp, groups.size(1), a, R, yp);
+        else return avx512_vnni::mm<T>(gp, groups.size(1), a, R, yp);
     }
   });
-  return (padded == O ? y : y.narrow(1, 0, O)).to(x.scalar_type());
+  return padded == O ? y : y.narrow(1, 0, O).contiguous();
 }
 
 }  // namespace integer

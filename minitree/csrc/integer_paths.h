@@ -41,10 +41,10 @@ static inline I32 pair_sum(const I32* pairs, const int32_t* s2) {
   return sum;
 }
 
-// One group of 16 outputs for R rows (from row r0 of a), into y (row stride ldy); R is a compile-time
+// One group of 16 outputs (from output col) for R rows (from row r0 of a), into y; R is a compile-time
 // count, so that a few rows' sums stay in registers.
 template <class T, int R>
-static void group(const uint8_t* g, const Act& a, int64_t r0, float* y, int64_t ldy) {
+static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int64_t col) {
   constexpr int J = T::subs;
   const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
   const int8_t* xq = a.q.data() + r0 * K;
@@ -106,27 +106,26 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, float* y, int64_t 
       return static_cast<const I32*>(dots);
     });
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, &acc[r], 64);
+  for (int r = 0; r < R; ++r) y.put(r0 + r, col, reinterpret_cast<const float*>(&acc[r]), 16);
 }
 
-// y [R, ldy] (ldy: 16 per group) = the groups times a's rows; each group's weights are read from
+// y [R, y.ld] (16 outputs per group) = the groups times a's rows; each group's weights are read from
 // memory once for all rows, threads split the groups.
 template <class T>
-static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, int64_t ldy, float* y) {
-  at::parallel_for(0, ldy / 16, 1, [&](int64_t g0, int64_t g1) {
+static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, const Out& y) {
+  at::parallel_for(0, y.ld / 16, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi)
       for (int64_t r = 0, n; r < R; r += n) {
         const int64_t left = R - r;
         n = left >= 8 ? 8 : left >= 6 ? 6 : std::min<int64_t>(4, left);
         const uint8_t* g = gp + gi * group_bytes;
-        float* out = y + r * ldy + 16 * gi;
         switch (n) {
-          case 1: group<T, 1>(g, a, r, out, ldy); break;
-          case 2: group<T, 2>(g, a, r, out, ldy); break;
-          case 3: group<T, 3>(g, a, r, out, ldy); break;
-          case 4: group<T, 4>(g, a, r, out, ldy); break;
-          case 6: group<T, 6>(g, a, r, out, ldy); break;
-          default: group<T, 8>(g, a, r, out, ldy);
+          case 1: group<T, 1>(g, a, r, y, 16 * gi); break;
+          case 2: group<T, 2>(g, a, r, y, 16 * gi); break;
+          case 3: group<T, 3>(g, a, r, y, 16 * gi); break;
+          case 4: group<T, 4>(g, a, r, y, 16 * gi); break;
+          case 6: group<T, 6>(g, a, r, y, 16 * gi); break;
+          default: group<T, 8>(g, a, r, y, 16 * gi);
         }
       }
   });
