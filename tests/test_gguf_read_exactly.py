@@ -62,13 +62,13 @@ def test_every_path_and_row_count_gives_the_same_bits(kind):
     qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16().float()
     alone = torch.cat([kernels().int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(40)])
     for rows in [*range(1, 18), 33, 40]:
+        halves = {h: x[:rows].to(h) for h in (torch.bfloat16, torch.float16)}  # and their fp32 sums, rounded
+        rounded = {h: kernels().int_mm(xh.float(), groups, qtype, 48, 0).to(h) for h, xh in halves.items()}
         for path, name in enumerate(PATHS):
             index = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx").index(name)
             assert torch.equal(kernels().int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)
-            for half in (torch.bfloat16, torch.float16):
-                xh = x[:rows].to(half)
-                assert torch.equal(kernels().int_mm(xh, groups, qtype, 48, index),
-                                   kernels().int_mm(xh.float(), groups, qtype, 48, 0).to(half)), (name, rows, half)
+            for h, xh in halves.items():
+                assert torch.equal(kernels().int_mm(xh, groups, qtype, 48, index), rounded[h]), (name, rows, h)
 
 
 def test_the_bit_identity_check_catches_another_summation_order():
