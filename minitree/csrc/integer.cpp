@@ -31,6 +31,7 @@
 #include <unistd.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace integer {
@@ -277,47 +278,28 @@ struct Act {
 
 // Q8_K (k-quants): per 256 values, the scale from the value of largest magnitude, rounded to nearest even.
 // Q8_0 (the others): per 32, d = amax / 127 rounded to fp16, the values by x / d rounded half away from zero.
-template <class T>
-static Act quantize(const at::Tensor& x) {
-  const auto xc = x.contiguous();
-  const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block;
-  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * (K / T::sub)),
-        std::vector<int32_t>(T::scales ? R * (K / T::sub / 2) : 0), K};
-  // Blocks are quantized independently: threads split them (a block's result does not depend on which).
-  at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
-    float v[T::block];  // a block of x in fp32 (exact from bf16 and fp16)
-    for (int64_t rb = i0; rb < i1; ++rb) {
-      const int64_t r = rb / nb, b = rb % nb;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
-        const scalar_t* xp = xc.data_ptr<scalar_t>() + r * K + b * T::block;
-        for (int i = 0; i < T::block; ++i) v[i] = static_cast<float>(xp[i]);
-      });
-      int8_t* q = a.q.data() + r * K + b * T::block;
-      float amax = 0, max = 0;
-      for (int i = 0; i < T::block; ++i)
-        if (std::fabs(v[i]) > amax) amax = std::fabs(v[i]), max = v[i];
-      if constexpr (T::kquant) {
-        const float iscale = amax == 0 ? 0.0f : -127.0f / max;
-        for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::nearbyint(iscale * v[i])));
-        a.d[r * nb + b] = amax == 0 ? 0.0f : 1 / iscale;
-      } else {
-        const float d = amax / 127, id = d != 0 ? 1 / d : 0.0f;
-        for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::round(v[i] * id));
-        a.d[r * nb + b] = static_cast<float>(c10::Half(d));
-      }
-      for (int j = 0; j < T::subs; ++j) {
-        int32_t s = 0;
-        for (int i = 0; i < T::sub; ++i) s += q[T::sub * j + i];
-        a.s[r * (K / T::sub) + b * T::subs + j] = s;
-      }
-      if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
-        for (int p = 0; p < T::subs / 2; ++p) {
-          const int32_t* s = a.s.data() + r * (K / T::sub) + b * T::subs;
-          a.s_pairs[r * (K / T::sub / 2) + b * T::subs / 2 + p] = (s[2 * p] & 0xFFFF) | (s[2 * p + 1] << 16);
-        }
-    }
-  });
-  return a;
+// One block of x -> its int8 values q and their sums over each sub-block; returns its scale. The
+// specification (the vector paths' quantize_block computes the same operations, 16 values at a time).
+template <class T, class S>
+static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
+  float v[T::block], amax = 0, max = 0, d;
+  for (int i = 0; i < T::block; ++i) v[i] = static_cast<float>(x[i]);  // exact from bf16 and fp16
+  for (int i = 0; i < T::block; ++i)
+    if (std::fabs(v[i]) > amax) amax = std::fabs(v[i]), max = v[i];
+  if constexpr (T::kquant) {
+    const float iscale = amax == 0 ? 0.0f : -127.0f / max;
+    for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::nearbyint(iscale * v[i])));
+    d = amax == 0 ? 0.0f : 1 / iscale;
+  } else {
+    const float dd = amax / 127, id = dd != 0 ? 1 / dd : 0.0f;
+    for (int i = 0; i < T::block; ++i) q[i] = static_cast<int8_t>(std::round(v[i] * id));
+    d = static_cast<float>(c10::Half(dd));
+  }
+  for (int j = 0; j < T::subs; ++j) {
+    sums[j] = 0;
+    for (int i = 0; i < T::sub; ++i) sums[j] += q[T::sub * j + i];
+  }
+  return d;
 }
 
 // The output [R, ld] in x's dtype: each output's float sum rounded once, as torch's .to() rounds it.
@@ -512,9 +494,83 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots
     dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
   }
 }
+// quantize_block's operations, 16 values per vector: the largest magnitude, the first value of it (as
+// the plain loop finds it), then each value scaled and rounded (to nearest even, or half away from zero:
+// the truncation plus one where the dropped fraction, exact, is at least a half).
+template <class S>
+static inline __m512 load16(const S* x) {  // 16 values -> fp32 (exact)
+  if constexpr (std::is_same_v<S, float>) return _mm512_loadu_ps(x);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (std::is_same_v<S, c10::Half>) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bfloat16: the high half of an fp32
+}
+template <class T, class S>
+static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
+  constexpr int V = T::block / 16;
+  __m512 v[V], top = _mm512_setzero_ps();
+  for (int k = 0; k < V; ++k) v[k] = load16(x + 16 * k), top = _mm512_max_ps(top, _mm512_abs_ps(v[k]));
+  const float amax = _mm512_reduce_max_ps(top);
+  __m512 rounded[V];
+  float d;
+  if constexpr (T::kquant) {
+    float max = 0;
+    for (int k = 0; k < V; ++k)
+      if (const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(v[k]), _mm512_set1_ps(amax), _CMP_EQ_OQ)) {
+        max = v[k][__builtin_ctz(hit)];
+        break;
+      }
+    const float iscale = amax == 0 ? 0.0f : -127.0f / max;
+    d = amax == 0 ? 0.0f : 1 / iscale;
+    for (int k = 0; k < V; ++k)
+      rounded[k] = _mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_set1_ps(iscale), v[k]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                 _mm512_set1_ps(127.0f));
+  } else {
+    const float dd = amax / 127, id = dd != 0 ? 1 / dd : 0.0f;
+    d = static_cast<float>(c10::Half(dd));
+    for (int k = 0; k < V; ++k) {
+      const __m512 y = _mm512_mul_ps(v[k], _mm512_set1_ps(id)), a = _mm512_abs_ps(y);
+      const __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+      const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN));
+      rounded[k] = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f))), sign));
+    }
+  }
+  __m512i n[V];
+  for (int k = 0; k < V; ++k) {
+    n[k] = _mm512_cvtps_epi32(rounded[k]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * k), _mm512_cvtepi32_epi8(n[k]));
+  }
+  constexpr int per = T::sub / 16;  // vectors per sub-block
+  for (int j = 0; j < T::subs; ++j)
+    sums[j] = _mm512_reduce_add_epi32(per == 1 ? n[j] : _mm512_add_epi32(n[per * j], n[per * j + 1]));
+  return d;
+}
 #include "integer_paths.h"
 }  // namespace avx512_vnni
 #pragma GCC pop_options
+
+// x [R, K] -> its blocks, by quantize_block or (vector) the AVX-512 one: the same bits.
+template <class T>
+static Act quantize(const at::Tensor& x, bool vector) {
+  const auto xc = x.contiguous();
+  const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block, ns = K / T::sub;
+  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * ns),
+        std::vector<int32_t>(T::scales ? R * ns / 2 : 0), K};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    // Blocks are quantized independently: threads split them (a block's result does not depend on which).
+    at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
+      for (int64_t rb = i0; rb < i1; ++rb) {  // block rb % nb of row rb / nb
+        int32_t* sums = a.s.data() + rb * T::subs;
+        a.d[rb] = (vector ? avx512_vnni::quantize_block<T, scalar_t> : quantize_block<T, scalar_t>)(
+            xp + rb * T::block, a.q.data() + rb * T::block, sums);
+        if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
+          for (int p = 0; p < T::subs / 2; ++p) a.s_pairs[rb * T::subs / 2 + p] = (sums[2 * p] & 0xFFFF) | (sums[2 * p + 1] << 16);
+      }
+    });
+  });
+  return a;
+}
 
 static bool amx_permitted() {  // Linux hands out the tile registers' state on request, once per process
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
@@ -682,7 +738,7 @@ at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64
     using T = decltype(f);
     TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,
                 "minitree mm: x of ", K, " features does not match groups of ", groups.size(1), " bytes");
-    Act a = quantize<T>(x);
+    Act a = quantize<T>(x, path != PORTABLE && available(AVX512_VNNI));
     if (path == AMX && T::type_id == Q4_K) a.q.resize((R + 15) / 16 * 16 * K);  // whole tiles of rows: zeros past R
     const uint8_t* gp = groups.data_ptr<uint8_t>();
     const Out yp{y.data_ptr(), padded, x.scalar_type()};
