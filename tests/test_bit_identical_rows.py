@@ -9,6 +9,7 @@ import minitree
 import minitree.runner
 from minitree.attention import NO_TREE
 from minitree.gguf import GGUFLinear
+from minitree.kernels import kernels
 from reference import SIZES, prompt
 from tiny import gguf_types, save_random, write_gguf
 
@@ -57,6 +58,26 @@ def test_a_token_has_the_same_logits_in_forwards_of_any_row_count(bf16_pair):
     by_rows = logits_by_rows(bf16_pair[0], False, list(range(1, 17)))
     for n, logits in by_rows.items():
         assert torch.equal(logits, by_rows[1]), f"{n} rows"
+
+
+@pytest.mark.parametrize("D", [16, 40, 128, 256])
+def test_a_query_attends_with_the_same_bits_alone_or_beside_others(D):
+    """minitree's attention kernel, at head sizes 16 .. 256: 17 queries along a chain (a verify pass, a
+    prefill chunk) give each query the bits it gets alone, close to float64 attention."""
+    g = torch.Generator().manual_seed(D)
+    H, Hkv, S, base, T = 12, 2, 96, 50, 17
+    k, v = (torch.randn(1, Hkv, S, D, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(1, H, T, D, generator=g).bfloat16()
+    slots, nodes, at = base + torch.arange(T), torch.arange(T), torch.tensor(base)
+    chain = 2 ** (nodes + 1) - 1  # node i's ancestors: nodes 0 .. i
+    together = kernels().attend(q, k, v, slots, nodes, at, chain)
+    for t in range(T):
+        alone = kernels().attend(q[:, :, t:t + 1], k, v, slots[t:t + 1], nodes[t:t + 1], at, chain)
+        assert torch.equal(alone[:, :, 0], together[:, :, t]), t
+    keys, values = (c.double().repeat_interleave(H // Hkv, 1) for c in (k, v))
+    scores = (q.double() @ keys.transpose(-1, -2)) / D ** 0.5
+    scores = scores.masked_fill(torch.arange(S)[None, :] > slots[:, None], float("-inf"))
+    assert torch.allclose(together.double(), scores.softmax(-1) @ values, atol=1e-2)
 
 
 @pytest.fixture(scope="module")
