@@ -96,9 +96,11 @@ def _run_all(mods, xs: dict) -> None:
 
 
 @torch.inference_mode()
-def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[str, list[float]]:
+def probe(model, lossy: bool = False, reps: int = 2, layers: int = 4) -> dict[str, list[float]]:
     """Seconds of one forward's linear layers at each of PROBED_ROWS, per kernel setting (inf where not
-    timed), for a runner's model (its layers are FormLinear)."""
+    timed), for a runner's model (its layers are FormLinear). The fastest of the times taken in two
+    sweeps over the settings, the second in reverse order: a shared machine's slow spells (seconds
+    long) then do not decide between two settings by falling on one of them."""
     sub = list(model.model.layers)[:layers]
     scale = model.args.n_layers / len(sub)
     mods, head = form_layers(torch.nn.ModuleList(sub)), form_layers(torch.nn.ModuleList([model.lm_head]))[0]
@@ -116,30 +118,29 @@ def probe(model, lossy: bool = False, reps: int = 3, layers: int = 4) -> dict[st
             fn()
             sync()
             ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
+        return min(ts)
 
     def alone(m: FormLinear, setting: str) -> FormLinear:  # the layer in `setting`'s form, for as long as it is timed
         copy = FormLinear(m.source)
         copy.serve({setting: frozenset(PROBED_ROWS)})
         return copy
 
-    costs = {}
-    for setting in settings(model, lossy):
-        run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
-        row = []
-        for r in PROBED_ROWS:
-            if setting == "gemv" and r > GROWS_PROBE_ROWS:
-                row.append(math.inf)
-                continue
-            xs = {}
-            for m in mods + [head]:
-                f = m.in_features
-                xs.setdefault(f, torch.randn(1, r, f, dtype=model.dtype, device=model.device))
-            with onednn(setting != "gemv"):
-                t_layers = timed(functools.partial(_run_all, run_mods, xs))
-                t_head = timed(functools.partial(_run_all, [run_head], xs))
-            row.append(scale * t_layers + t_head)
-        costs[setting] = row
+    found = settings(model, lossy)
+    costs = {setting: [math.inf] * len(PROBED_ROWS) for setting in found}
+    for sweep in (found, found[::-1]):
+        for setting in sweep:
+            run_mods, run_head = [alone(m, setting) for m in mods], alone(head, setting)
+            for i, r in enumerate(PROBED_ROWS):
+                if setting == "gemv" and r > GROWS_PROBE_ROWS:
+                    continue
+                xs = {}
+                for m in mods + [head]:
+                    f = m.in_features
+                    xs.setdefault(f, torch.randn(1, r, f, dtype=model.dtype, device=model.device))
+                with onednn(setting != "gemv"):
+                    t_layers = timed(functools.partial(_run_all, run_mods, xs))
+                    t_head = timed(functools.partial(_run_all, [run_head], xs))
+                costs[setting][i] = min(costs[setting][i], scale * t_layers + t_head)
     return costs
 
 
