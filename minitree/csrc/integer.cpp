@@ -436,6 +436,61 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
   }
 }
+// quantize_block's operations, 8 values per vector (as the AVX-512 paths', on 8 lanes).
+template <class S>
+static inline __m256 load8(const S* x) {  // 8 values -> fp32 (exact)
+  if constexpr (std::is_same_v<S, float>) return _mm256_loadu_ps(x);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  if constexpr (std::is_same_v<S, c10::Half>) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bfloat16: the high half of an fp32
+}
+template <class T, class S>
+static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
+  constexpr int V = T::block / 8;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[V], top = _mm256_setzero_ps();
+  for (int k = 0; k < V; ++k) v[k] = load8(x + 8 * k), top = _mm256_max_ps(top, _mm256_and_ps(v[k], magnitude));
+  float amax = 0;
+  for (int l = 0; l < 8; ++l) amax = std::max(amax, top[l]);
+  __m256 rounded[V];
+  float d;
+  if constexpr (T::kquant) {
+    float max = 0;
+    for (int k = 0; k < V; ++k)
+      if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v[k], magnitude), _mm256_set1_ps(amax), _CMP_EQ_OQ))) {
+        max = v[k][__builtin_ctz(hit)];
+        break;
+      }
+    const float iscale = amax == 0 ? 0.0f : -127.0f / max;
+    d = amax == 0 ? 0.0f : 1 / iscale;
+    for (int k = 0; k < V; ++k)
+      rounded[k] = _mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_set1_ps(iscale), v[k]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                 _mm256_set1_ps(127.0f));
+  } else {
+    const float dd = amax / 127, id = dd != 0 ? 1 / dd : 0.0f;
+    d = static_cast<float>(c10::Half(dd));
+    for (int k = 0; k < V; ++k) {
+      const __m256 y = _mm256_mul_ps(v[k], _mm256_set1_ps(id)), a = _mm256_and_ps(y, magnitude);
+      const __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, t), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+      rounded[k] = _mm256_or_ps(_mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0f))), _mm256_andnot_ps(magnitude, y));
+    }
+  }
+  __m256i n[V];
+  for (int k = 0; k < V; ++k) {
+    n[k] = _mm256_cvtps_epi32(rounded[k]);
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(n[k]), _mm256_extracti128_si256(n[k], 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + 8 * k), _mm_packs_epi16(words, words));
+  }
+  constexpr int per = T::sub / 8;  // vectors per sub-block
+  for (int j = 0; j < T::subs; ++j) {
+    __m256i sum = n[per * j];
+    for (int i = 1; i < per; ++i) sum = _mm256_add_epi32(sum, n[per * j + i]);
+    sums[j] = 0;
+    for (int l = 0; l < 8; ++l) sums[j] += reinterpret_cast<__v8si>(sum)[l];
+  }
+  return d;
+}
 #include "integer_paths.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -548,29 +603,6 @@ static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
 #include "integer_paths.h"
 }  // namespace avx512_vnni
 #pragma GCC pop_options
-
-// x [R, K] -> its blocks, by quantize_block or (vector) the AVX-512 one: the same bits.
-template <class T>
-static Act quantize(const at::Tensor& x, bool vector) {
-  const auto xc = x.contiguous();
-  const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block, ns = K / T::sub;
-  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * ns),
-        std::vector<int32_t>(T::scales ? R * ns / 2 : 0), K};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    // Blocks are quantized independently: threads split them (a block's result does not depend on which).
-    at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
-      for (int64_t rb = i0; rb < i1; ++rb) {  // block rb % nb of row rb / nb
-        int32_t* sums = a.s.data() + rb * T::subs;
-        a.d[rb] = (vector ? avx512_vnni::quantize_block<T, scalar_t> : quantize_block<T, scalar_t>)(
-            xp + rb * T::block, a.q.data() + rb * T::block, sums);
-        if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
-          for (int p = 0; p < T::subs / 2; ++p) a.s_pairs[rb * T::subs / 2 + p] = (sums[2 * p] & 0xFFFF) | (sums[2 * p + 1] << 16);
-      }
-    });
-  });
-  return a;
-}
 
 static bool amx_permitted() {  // Linux hands out the tile registers' state on request, once per process
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
@@ -711,6 +743,31 @@ std::vector<std::string> paths() {
   return out;
 }
 
+// x [R, K] -> its blocks, by the quantize_block of `path`'s instruction set (the plain loops on the
+// portable path): the same bits.
+template <class T>
+static Act quantize(const at::Tensor& x, int path) {
+  const auto xc = x.contiguous();
+  const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block, ns = K / T::sub;
+  Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * ns),
+        std::vector<int32_t>(T::scales ? R * ns / 2 : 0), K};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const auto block = path == PORTABLE ? quantize_block<T, scalar_t>
+                     : path == AVX2 || path == AVX_VNNI ? avx2::quantize_block<T, scalar_t> : avx512_vnni::quantize_block<T, scalar_t>;
+    // Blocks are quantized independently: threads split them (a block's result does not depend on which).
+    at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / T::block), [&](int64_t i0, int64_t i1) {
+      for (int64_t rb = i0; rb < i1; ++rb) {  // block rb % nb of row rb / nb
+        int32_t* sums = a.s.data() + rb * T::subs;
+        a.d[rb] = block(xp + rb * T::block, a.q.data() + rb * T::block, sums);
+        if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
+          for (int p = 0; p < T::subs / 2; ++p) a.s_pairs[rb * T::subs / 2 + p] = (sums[2 * p] & 0xFFFF) | (sums[2 * p + 1] << 16);
+      }
+    });
+  });
+  return a;
+}
+
 at::Tensor repack_op(at::Tensor w, int64_t type, int64_t K) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "minitree repack: w [O, bytes] uint8");
   return with_format(type, [&](auto f) { return repack<decltype(f)::type_id>(w, K); });
@@ -738,7 +795,7 @@ at::Tensor mm_op(at::Tensor x, at::Tensor groups, int64_t type, int64_t O, int64
     using T = decltype(f);
     TORCH_CHECK(K % T::block == 0 && groups.size(1) == K / T::block * T::bytes && 16 * groups.size(0) >= O,
                 "minitree mm: x of ", K, " features does not match groups of ", groups.size(1), " bytes");
-    Act a = quantize<T>(x, path != PORTABLE && available(AVX512_VNNI));
+    Act a = quantize<T>(x, path);
     if (path == AMX && T::type_id == Q4_K) a.q.resize((R + 15) / 16 * 16 * K);  // whole tiles of rows: zeros past R
     const uint8_t* gp = groups.data_ptr<uint8_t>();
     const Out yp{y.data_ptr(), padded, x.scalar_type()};
