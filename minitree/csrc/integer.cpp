@@ -279,7 +279,7 @@ struct Act {
 // Q8_K (k-quants): per 256 values, the scale from the value of largest magnitude, rounded to nearest even.
 // Q8_0 (the others): per 32, d = amax / 127 rounded to fp16, the values by x / d rounded half away from zero.
 // One block of x -> its int8 values q and their sums over each sub-block; returns its scale. The
-// specification (the vector paths' quantize_block computes the same operations, 16 values at a time).
+// specification (the vector paths' quantize_block computes the same operations, 8 or 16 values at a time).
 template <class T, class S>
 static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
   float v[T::block], amax = 0, max = 0, d;
