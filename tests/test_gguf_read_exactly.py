@@ -61,9 +61,9 @@ def test_every_path_and_row_count_gives_the_same_bits(kind):
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     groups = GGUFLinear.from_blocks(torch.from_numpy(packed(w, kind)), kind, 512, None, torch.bfloat16).groups
     qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16().float()
-    x[5] = 0  # and ties, where the vector paths' quantizers must choose as the plain loops do: each block
-    # of rows 6 and 7 holds -127 and 127 (the first of them sets the scale's sign) and values that scale
-    # to halves (rounded to even for the k-quants, away from zero for the others)
+    x[5] = 0  # and ties, where the vector paths' quantizers must round as the plain loops do: each block
+    # of rows 6 and 7 holds -127 and 127 (the first of them sets the scale's sign; either gives the same
+    # products) and values that scale to halves (rounded to even for the k-quants, away from zero for the others)
     i = torch.arange(512)
     x[6] = torch.where(i % 32 < 2, torch.where(i % 2 == 0, -127.0, 127.0), (i % 7) - 3 + 0.5)
     x[7] = -x[6]
