@@ -369,8 +369,9 @@ static void mm_portable(const uint8_t* gp, int64_t group_bytes, const Act& a, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// The vector paths: one driver (integer_paths.h), compiled once per instruction set, each with its
-// own `sub_dots`: the int32 dots of one sub-block's levels W [quads][64] with R rows of int8 x.
+// The vector paths: one driver (integer_paths.h), compiled for AVX-VNNI and AVX512-VNNI, each with its
+// own `sub_dots`: the int32 dots of one sub-block's levels W [quads][64] with R rows of int8 x; AVX2
+// has a driver of its own (fewer registers).
 
 typedef uint8_t U8 __attribute__((vector_size(64)));
 typedef int32_t I32 __attribute__((vector_size(64)));
@@ -395,13 +396,6 @@ static inline F32 halves(const uint8_t* p) {
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
   return v;
 }
-static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair products of a and b, per int32 lane
-  __m256i r[2], x[2], y[2];
-  std::memcpy(r, &acc, 64), std::memcpy(x, &a, 64), std::memcpy(y, &b, 64);
-  for (int h = 0; h < 2; ++h) r[h] = _mm256_add_epi32(r[h], _mm256_madd_epi16(x[h], y[h]));
-  std::memcpy(&acc, r, 64);
-  return acc;
-}
 template <bool SIGNED>
 static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
   const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
@@ -411,30 +405,6 @@ static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
   std::memcpy(&v, &a, 32);
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &b, 32);
   return v;
-}
-// vpmaddubsw sums level x int8 pairs in int16 (saturating: safe for levels < 128), vpmaddwd the pairs
-// of pairs into int32. 8-bit levels go in two halves, 16 * high nibbles + low nibbles.
-template <int BITS, int QUADS, int R>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
-  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0xF);
-  for (int r = 0; r < R; ++r) {
-    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int q = 0; q < QUADS; ++q) {
-      const __m256i xv = _mm256_set1_epi32(word(x + r * ldx + 4 * q));
-      for (int h = 0; h < 2; ++h) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(W + q) + 32 * h));
-        if constexpr (BITS == 8) {
-          const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, nib), xv), ones);
-          const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nib), xv), ones);
-          acc[h] = _mm256_add_epi32(acc[h], _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4)));
-        } else {
-          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
-        }
-      }
-    }
-    std::memcpy(&dots[r], &acc[0], 32);
-    std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
-  }
 }
 // quantize_block's operations, 8 values per vector (as the AVX-512 paths', on 8 lanes).
 template <class S>
@@ -491,7 +461,161 @@ static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
   }
   return d;
 }
-#include "integer_paths.h"
+// The AVX2 driver. Its 16 registers cannot hold the shared driver's (integer_paths.h) sums of 8 rows
+// (AVX-512 has 32), so here a block's levels are unpacked once into memory (from 4 rows on), then each
+// row's sums are formed by itself, 8 outputs per register, and the rows' accumulators live in memory.
+// The same integer sums and float operations per output as mm_portable.
+//
+// vpmaddubsw sums level x int8 pairs in int16 (exact: |level x| <= 63 x 128); those int16 sums are
+// added for G quads (|sum| < 2^15: G = 8, 4, 2 quads of 4-, 5-, 6-bit levels), then vpmaddwd multiplies
+// them by the sub-block's scale (or 1) and adds the pairs into int32. 8-bit levels go in two halves,
+// 16 * high + low nibbles.
+using V = __m256i;
+static inline V load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
+template <bool SIGNED>
+static inline V bytes8(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return SIGNED ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v);
+}
+static inline V pair(V lo, V hi) {  // int32 lanes -> int16 pairs (lo, hi)
+  return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(hi, 16));
+}
+
+// Block b of a group for 16 outputs: levels W [subs * quads][2 halves of 8 outputs], the sub-block
+// scales as int16 pairs (sc, sc) per output (SC [subs][2]), and the pairs of two sub-blocks' scales
+// or mins that meet the rows' sub-block sums (P [subs / 2][2]).
+template <class T>
+struct Block {
+  alignas(32) V W[T::subs * T::quads][2];
+  alignas(32) V SC[T::scales ? T::subs : 1][2];
+  alignas(32) V P[T::scales ? T::subs / 2 : 1][2];
+
+  // Quad q of sub-block j's levels, outputs 8h..8h + 7, from the group block's bytes gb.
+  static V level(const uint8_t* gb, int j, int q, int h) {
+    constexpr int H = T::quads / 2;
+    const uint8_t* L = gb + T::levels_at + j * T::level_bytes;
+    if constexpr (T::bits == 8) return load(L + 64 * q + 32 * h);
+    const V nib = _mm256_set1_epi8(0xF), l = load(L + 64 * (q % H) + 32 * h);
+    V w = q < H ? _mm256_and_si256(l, nib) : _mm256_and_si256(_mm256_srli_epi16(l, 4), nib);
+    if constexpr (T::bits > 4) {  // bit q (5-bit) or bits 2q, 2q + 1 (6-bit) of the high plane: level bit 4 up
+      const V hb = load(L + 8 * T::sub + 32 * h), mask = _mm256_set1_epi8(T::bits == 5 ? 1 : 3);
+      w = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, (T::bits - 4) * q), mask), 4));
+    }
+    return w;
+  }
+
+  // The block's scales (SC, P), and its levels (W) where four or more rows will use them (for fewer,
+  // unpacking each quad again per row costs less than storing and reloading them).
+  void unpack(const uint8_t* gb, bool levels) {
+    for (int j = 0; j < T::subs && levels; ++j)
+      for (int q = 0; q < T::quads; ++q)
+        for (int h = 0; h < 2; ++h) W[j * T::quads + q][h] = level(gb, j, q, h);
+    if constexpr (T::scales) {
+      constexpr bool SIGNED = T::type_id == Q6_K;
+      const uint8_t* by = gb + (T::type_id == Q4_K ? T::m_at : T::sc_at);
+      for (int h = 0; h < 2; ++h) {
+        for (int j = 0; j < T::subs; ++j) {
+          const V sc = bytes8<SIGNED>(gb + T::sc_at + 16 * j + 8 * h);
+          SC[j][h] = pair(sc, sc);
+        }
+        for (int p = 0; p < T::subs / 2; ++p) P[p][h] = pair(bytes8<SIGNED>(by + 32 * p + 8 * h), bytes8<SIGNED>(by + 32 * p + 16 + 8 * h));
+      }
+    }
+  }
+
+  // Sub-block j's level x int8 sums with the row's values x (its 4 * quads values), times `scale`
+  // (int16 pairs), added to S [2 halves]. The levels come from W (unpacked) or straight from the group
+  // block's bytes gb.
+  template <bool UNPACKED>
+  void sub_dot(const uint8_t* gb, int j, const int8_t* x, const V scale[2], V S[2]) const {
+    constexpr int G = T::bits == 5 ? 4 : T::bits == 6 ? 2 : 8;
+    const V nib = _mm256_set1_epi8(0xF);
+    for (int q0 = 0; q0 < T::quads; q0 += G) {
+      V lo[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi[2] = {lo[0], lo[1]};
+      for (int q = q0; q < std::min(q0 + G, T::quads); ++q) {
+        const V xv = _mm256_set1_epi32(word(x + 4 * q));
+        for (int h = 0; h < 2; ++h) {
+          const V w = UNPACKED ? W[j * T::quads + q][h] : level(gb, j, q, h);
+          if constexpr (T::bits == 8) {
+            lo[h] = _mm256_add_epi16(lo[h], _mm256_maddubs_epi16(_mm256_and_si256(w, nib), xv));
+            hi[h] = _mm256_add_epi16(hi[h], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nib), xv));
+          } else {
+            lo[h] = _mm256_add_epi16(lo[h], _mm256_maddubs_epi16(w, xv));
+          }
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        S[h] = _mm256_add_epi32(S[h], _mm256_madd_epi16(lo[h], scale[h]));
+        if constexpr (T::bits == 8) S[h] = _mm256_add_epi32(S[h], _mm256_slli_epi32(_mm256_madd_epi16(hi[h], scale[h]), 4));
+      }
+    }
+  }
+};
+
+// y [R, y.ld] = the groups times a's rows; threads split the groups, each group's weights are read
+// from memory once for all rows.
+template <class T>
+static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, const Out& y) {
+  const int64_t K = a.K, nb = K / T::block, ns = K / T::sub;
+  at::parallel_for(0, y.ld / 16, 1, [&](int64_t g0, int64_t g1) {
+    thread_local std::vector<float> acc;
+    thread_local Block<T> blk;
+    acc.resize(16 * R);
+    const V ones = _mm256_set1_epi16(1);
+    const V unit[2] = {ones, ones};
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const uint8_t* g = gp + gi * group_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* gb = g + b * T::bytes;
+        for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(gb + AHEAD + line);
+        blk.unpack(gb, R > 3);
+        const __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::d_at))),
+                             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::d_at + 16)))};
+        __m256 c[2] = {};
+        if constexpr (T::mins)
+          c[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::c_at))),
+          c[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::c_at + 16)));
+        auto each_row = [&](auto unpacked) {
+          for (int64_t r = 0; r < R; ++r) {
+            const int8_t* x = a.q.data() + r * K + b * T::block;
+            const int32_t* xs = a.s.data() + r * ns + b * T::subs;
+            V S[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, M[2] = {S[0], S[1]};
+            if constexpr (T::scales) {
+              // The row's sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
+              // -32 sum_j sc_j xs_j), two sub-blocks per int16 pair product.
+              const int32_t* s2 = a.s_pairs.data() + r * ns / 2 + b * T::subs / 2;
+              V sum[2] = {S[0], S[1]};
+              for (int p = 0; p < T::subs / 2; ++p)
+                for (int h = 0; h < 2; ++h) sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(blk.P[p][h], _mm256_set1_epi32(s2[p])));
+              for (int h = 0; h < 2; ++h) {
+                if constexpr (T::type_id == Q4_K) M[h] = sum[h];
+                else S[h] = _mm256_mullo_epi32(sum[h], _mm256_set1_epi32(-T::offset));
+              }
+              for (int j = 0; j < T::subs; ++j) blk.template sub_dot<decltype(unpacked)::value>(gb, j, x + j * T::sub, blk.SC[j], S);
+            } else {  // one sub-block per block
+              blk.template sub_dot<decltype(unpacked)::value>(gb, 0, x, unit, S);
+              for (int h = 0; h < 2; ++h) {
+                S[h] = _mm256_sub_epi32(S[h], _mm256_set1_epi32(T::offset * xs[0]));
+                if constexpr (T::mins) M[h] = _mm256_set1_epi32(xs[0]);
+              }
+            }
+            const __m256 xd = _mm256_set1_ps(a.d[r * nb + b]);
+            for (int h = 0; h < 2; ++h) {
+              float* at = acc.data() + 16 * r + 8 * h;
+              __m256 v = _mm256_add_ps(_mm256_loadu_ps(at), _mm256_mul_ps(_mm256_mul_ps(xd, d[h]), _mm256_cvtepi32_ps(S[h])));
+              if constexpr (T::mins) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_mul_ps(xd, c[h]), _mm256_cvtepi32_ps(M[h])));
+              _mm256_storeu_ps(at, v);
+            }
+          }
+        };
+        if (R > 3) each_row(std::true_type{});
+        else each_row(std::false_type{});
+      }
+      for (int64_t r = 0; r < R; ++r) y.put(r, 16 * gi, acc.data() + 16 * r, 16);
+    }
+  });
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
