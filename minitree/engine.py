@@ -9,6 +9,7 @@ it committed), so a steady-state decode never waits on the device mid-step and n
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import torch
@@ -339,23 +340,37 @@ class Engine:
         out: list[int] = []
         room = self.max_seq_len - self.max_depth - 1
         t0 = time.perf_counter()
-        while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-            config = self._choose_tree(stats)
-            with self._stance():
-                step = self.step(sampling, generator, one_hot_draft)
-            n = self.advance(step)
-            stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
-            stats.record(step, n, self.tree.ngram_from)
-            self._observe(config, step, n, stats)
-            new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
-            stop = next((i for i, tok in enumerate(new) if tok in eos), None)
-            new = new if stop is None else new[: stop + 1]
-            out += new
-            if on_tokens is not None:
-                on_tokens(new)
-            if stop is not None:
-                break
+        # Python's cycle collector waits until the end: a full collection walks every object of torch
+        # and the models (milliseconds), and decoding makes no cycles worth collecting sooner.
+        with _collector_paused():
+            while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
+                config = self._choose_tree(stats)
+                with self._stance():
+                    step = self.step(sampling, generator, one_hot_draft)
+                n = self.advance(step)
+                stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
+                stats.record(step, n, self.tree.ngram_from)
+                self._observe(config, step, n, stats)
+                new = self.seq.history[-n:][: max_new_tokens - len(out)]  # read by advance
+                stop = next((i for i, tok in enumerate(new) if tok in eos), None)
+                new = new if stop is None else new[: stop + 1]
+                out += new
+                if on_tokens is not None:
+                    on_tokens(new)
+                if stop is not None:
+                    break
         stats.new_tokens = len(out)
         self.earlier.add(self.seq.history)
         stats.time_s["other"] = time.perf_counter() - t0 - sum(stats.time_s.values()) - stats.compile_s
         return Result(out, stats)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
