@@ -1,6 +1,6 @@
-// The vector paths' driver (integer.cpp), included once per instruction set inside its namespace,
-// after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes -> int32), `dpwssd` (int16 pair
-// products) and `sub_dots` (one sub-block's int32 dots with R rows).
+// The AVX-VNNI and AVX512-VNNI paths' driver (integer.cpp; AVX2 has its own), included once per
+// instruction set inside its namespace, after that set's `halves` (16 fp16 -> fp32), `widen` (16 bytes
+// -> int32), `dpwssd` (int16 pair products) and `sub_dots` (one sub-block's int32 dots with R rows).
 // It computes integer.cpp's formulas in the same order as mm_portable, 16 outputs per vector.
 
 // Sub-block levels -> W [quads] of 64 bytes (byte 4 o + i: output o, input 4 quad + i).
