@@ -388,19 +388,25 @@ static inline int32_t word(const int8_t* p) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-static inline F32 halves(const uint8_t* p) {
+static inline __m256 halves8(const uint8_t* p) {  // 8 fp16 -> fp32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <bool SIGNED>
+static inline __m256i bytes8(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return SIGNED ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v);
+}
+// 16 values as two 8-lane halves, for the AVX-VNNI path's shared driver (integer_paths.h).
+static inline F32 halves(const uint8_t* p) {  // 16 fp16 -> fp32
   F32 v;
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  const __m256 lo = halves8(p), hi = halves8(p + 16);
   std::memcpy(&v, &lo, 32);
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
   return v;
 }
 template <bool SIGNED>
 static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
-  const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
-  const __m256i a = SIGNED ? _mm256_cvtepi8_epi32(lo) : _mm256_cvtepu8_epi32(lo);
-  const __m256i b = SIGNED ? _mm256_cvtepi8_epi32(hi) : _mm256_cvtepu8_epi32(hi);
+  const __m256i a = bytes8<SIGNED>(p), b = bytes8<SIGNED>(p + 8);
   I32 v;
   std::memcpy(&v, &a, 32);
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &b, 32);
@@ -472,11 +478,6 @@ static float quantize_block(const S* x, int8_t* q, int32_t* sums) {
 // 16 * high + low nibbles.
 using V = __m256i;
 static inline V load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
-template <bool SIGNED>
-static inline V bytes8(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
-  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return SIGNED ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v);
-}
 static inline V pair(V lo, V hi) {  // int32 lanes -> int16 pairs (lo, hi)
   return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(hi, 16));
 }
@@ -570,12 +571,9 @@ static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, 
         const uint8_t* gb = g + b * T::bytes;
         for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(gb + AHEAD + line);
         blk.unpack(gb, R > 3);
-        const __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::d_at))),
-                             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::d_at + 16)))};
+        const __m256 d[2] = {halves8(gb + T::d_at), halves8(gb + T::d_at + 16)};
         __m256 c[2] = {};
-        if constexpr (T::mins)
-          c[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::c_at))),
-          c[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::c_at + 16)));
+        if constexpr (T::mins) c[0] = halves8(gb + T::c_at), c[1] = halves8(gb + T::c_at + 16);
         auto each_row = [&](auto unpacked) {
           for (int64_t r = 0; r < R; ++r) {
             const int8_t* x = a.q.data() + r * K + b * T::block;
