@@ -377,7 +377,16 @@ typedef uint8_t U8 __attribute__((vector_size(64)));
 typedef int32_t I32 __attribute__((vector_size(64)));
 typedef float F32 __attribute__((vector_size(64)));
 
-static constexpr int AHEAD = 4096;  // bytes of weights asked for ahead of use
+// Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead
+// of use: prefetch<BYTES, N>(gb, j) asks for share j of N of the block of BYTES bytes AHEAD bytes past
+// gb. Paths spread a block's lines over its sub-blocks (N = subs): asked for at once, they filled the
+// core's queue of misses and stalled the arithmetic of many rows (a Zen 4's 8-row forward: 81 -> 56 ms).
+static constexpr int AHEAD = 4096;
+template <int BYTES, int N = 1>
+static inline void prefetch(const uint8_t* gb, int j = 0) {
+  constexpr int share = (BYTES + 64 * N - 1) / (64 * N) * 64;
+  for (int line = share * j; line < std::min(share * (j + 1), BYTES); line += 64) __builtin_prefetch(gb + AHEAD + line);
+}
 
 static inline int32_t word(const int8_t* p) {
   int32_t v;
@@ -508,9 +517,11 @@ struct Block {
   // The block's scales (SC, P), and its levels (W) where four or more rows will use them (for fewer,
   // unpacking each quad again per row costs less than storing and reloading them).
   void unpack(const uint8_t* gb, bool levels) {
-    for (int j = 0; j < T::subs && levels; ++j)
-      for (int q = 0; q < T::quads; ++q)
+    for (int j = 0; j < T::subs; ++j) {
+      prefetch<T::bytes, T::subs>(gb, j);  // spread over the sub-blocks' unpacking
+      for (int q = 0; q < T::quads && levels; ++q)
         for (int h = 0; h < 2; ++h) W[j * T::quads + q][h] = level(gb, j, q, h);
+    }
     if constexpr (T::scales) {
       constexpr bool SIGNED = T::type_id == Q6_K;
       const uint8_t* by = gb + (T::type_id == Q4_K ? T::m_at : T::sc_at);
@@ -569,7 +580,6 @@ static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, 
       const uint8_t* g = gp + gi * group_bytes;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* gb = g + b * T::bytes;
-        for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(gb + AHEAD + line);
         blk.unpack(gb, R > 3);
         const __m256 d[2] = {halves8(gb + T::d_at), halves8(gb + T::d_at + 16)};
         __m256 c[2] = {};
@@ -662,12 +672,19 @@ static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<I32>(SIGNED ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
 }
+// acc + the dot products of w's bytes with the 4 int8 values at x, in each int32 lane: vpdpbusd with
+// x broadcast from memory inside the instruction ({1to16}; GCC emits a separate vpbroadcastd, which
+// made the broadcasts, not the products, the bound of a many-row kernel).
+static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t* x) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
 template <int BITS, int QUADS, int R>
 static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
   for (int r = 0; r < R; ++r) {  // two sums per row: half the dependency chain (integer sums, any order)
     __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int q = 0; q < QUADS; ++q)
-      acc[q % 2] = _mm512_dpbusd_epi32(acc[q % 2], reinterpret_cast<__m512i>(W[q]), _mm512_set1_epi32(word(x + r * ldx + 4 * q)));
+      acc[q % 2] = dpbusd_broadcast(acc[q % 2], reinterpret_cast<__m512i>(W[q]), x + r * ldx + 4 * q);
     dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
   }
 }
@@ -768,7 +785,7 @@ static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_
     alignas(64) I32 C[3][2][16];         // [item % 3][lo, hi][row]
     std::vector<F32> acc(R);
     auto expand = [&](const uint8_t* gb, U8 (*out)[J][Q]) {
-      for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(gb + AHEAD + line);
+      prefetch<T::bytes>(gb);
       for (int j = 0; j < J; ++j) {
         const __m512i sc = _mm512_permutexvar_epi8(spread, _mm512_castsi128_si512(
                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + T::sc_at + 16 * j))));

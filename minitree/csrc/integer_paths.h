@@ -91,16 +91,11 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
       if constexpr (T::mins) acc[r] = acc[r] + (x * c) * __builtin_convertvector(M[r], F32);
     }
   };
-  // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead of use.
-  auto prefetch = [&](int64_t b) {
-    for (int line = 0; line < T::bytes; line += 64) __builtin_prefetch(g + b * T::bytes + AHEAD + line);
-  };
-
   alignas(64) U8 W[T::quads];
   alignas(64) I32 dots[R];
   for (int64_t b = 0; b < nb; ++b) {
-    prefetch(b);
     finish(b, [&](int j) {
+      prefetch<T::bytes, J>(g + b * T::bytes, j);
       unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, W);
       sub_dots<T::bits, T::quads, R>(W, xq + b * T::block + j * T::sub, K, dots);
       return static_cast<const I32*>(dots);
