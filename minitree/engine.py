@@ -20,6 +20,7 @@ from .attention import BLOCK
 from .auto import AUTO_SPECS, Auto, Config, family
 from .costs import PREFILL_CHUNKS
 from .draft import draft_tree
+from .machine import release_free_memory
 from .errors import EngineError
 from .graphs import StepGraphs
 from .kv import compact
@@ -185,8 +186,9 @@ class Engine:
         tokens, so that compiling lands here -> seconds taken."""
         t = time.perf_counter()
         first = (self.seq.n - 1).clamp(min=0)
-        for runner, rows in shapes:
-            runner.compile_rows(rows, self.seq.tokens, first)
+        ran = [runner.compile_rows(rows, self.seq.tokens, first) for runner, rows in shapes]
+        if any(ran):
+            release_free_memory()  # what loading and compiling freed
         return time.perf_counter() - t
 
     @torch.inference_mode()

@@ -1,13 +1,14 @@
 """What this machine is, and the few process-wide kernel switches that depend on it.
 
 Nothing here knows about models: the CPU's model name and instruction-set flags (or the GPU),
-whether oneDNN packs weights of a dtype here, oneDNN on or off for a block of ops, and the
-SIMD width Inductor writes its CPU code for.
+whether oneDNN packs weights of a dtype here, oneDNN on or off for a block of ops, the SIMD
+width Inductor writes its CPU code for, and handing freed memory back to the system.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import platform
@@ -77,3 +78,15 @@ def pin_vector_width() -> None:
     if config.cpp.simdlen is None and (isa := pick_vec_isa()):
         config.cpp.simdlen = isa.bit_width()
 
+
+
+def release_free_memory() -> None:
+    """Hand the pages glibc's malloc holds free back to the system (malloc_trim). Loading, making
+    weight copies and compiling free much memory in the middle of the heap, which glibc keeps
+    resident otherwise: about 0.7 GB of a default-pair run. Nothing where the C library is not glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
