@@ -83,7 +83,8 @@ def pin_vector_width() -> None:
 def release_free_memory() -> None:
     """Hand the pages glibc's malloc holds free back to the system (malloc_trim). Loading, making
     weight copies and compiling free much memory in the middle of the heap, which glibc keeps
-    resident otherwise: about 0.7 GB of a default-pair run. Nothing where the C library is not glibc."""
+    resident otherwise (0.35-0.75 GB of a default-pair run on a Zen 4). Nothing where the C library
+    is not glibc."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
