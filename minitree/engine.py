@@ -20,10 +20,10 @@ from .attention import BLOCK
 from .auto import AUTO_SPECS, Auto, Config, family
 from .costs import PREFILL_CHUNKS
 from .draft import draft_tree
-from .machine import release_free_memory
 from .errors import EngineError
 from .graphs import StepGraphs
 from .kv import compact
+from .machine import release_free_memory
 from .model import Transformer
 from .runner import Runner
 from .sampling import Sampling, probs

@@ -79,7 +79,6 @@ def pin_vector_width() -> None:
         config.cpp.simdlen = isa.bit_width()
 
 
-
 def release_free_memory() -> None:
     """Hand the pages glibc's malloc holds free back to the system (malloc_trim). Loading, making
     weight copies and compiling free much memory in the middle of the heap, which glibc keeps
