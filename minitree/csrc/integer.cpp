@@ -380,7 +380,7 @@ typedef float F32 __attribute__((vector_size(64)));
 // Streaming weights from memory runs well under the memory's bandwidth unless they are asked for ahead
 // of use: prefetch<BYTES, N>(gb, j) asks for share j of N of the block of BYTES bytes AHEAD bytes past
 // gb. Paths spread a block's lines over its sub-blocks (N = subs): asked for at once, they filled the
-// core's queue of misses and stalled the arithmetic of many rows (a Zen 4's 8-row forward: 81 -> 56 ms).
+// core's queue of misses and stalled the arithmetic of many rows (a Zen 4's linears at 8 rows: 81 -> 56 ms).
 static constexpr int AHEAD = 4096;
 template <int BYTES, int N = 1>
 static inline void prefetch(const uint8_t* gb, int j = 0) {
@@ -518,9 +518,10 @@ struct Block {
   // unpacking each quad again per row costs less than storing and reloading them).
   void unpack(const uint8_t* gb, bool levels) {
     for (int j = 0; j < T::subs; ++j) {
-      prefetch<T::bytes, T::subs>(gb, j);  // spread over the sub-blocks' unpacking
-      for (int q = 0; q < T::quads && levels; ++q)
-        for (int h = 0; h < 2; ++h) W[j * T::quads + q][h] = level(gb, j, q, h);
+      prefetch<T::bytes, T::subs>(gb, j);  // spread over the sub-blocks
+      if (levels)
+        for (int q = 0; q < T::quads; ++q)
+          for (int h = 0; h < 2; ++h) W[j * T::quads + q][h] = level(gb, j, q, h);
     }
     if constexpr (T::scales) {
       constexpr bool SIGNED = T::type_id == Q6_K;
