@@ -675,7 +675,7 @@ static inline I32 widen(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
 }
 // acc + the dot products of w's bytes with the 4 int8 values at x, in each int32 lane: vpdpbusd with
 // x broadcast from memory inside the instruction ({1to16}; GCC emits a separate vpbroadcastd per
-// product, 5-8% slower at 1-8 rows on a Zen 4).
+// product, 6-8% slower at 4-8 rows on a Zen 4).
 static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t* x) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
   return acc;
