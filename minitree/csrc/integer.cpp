@@ -682,11 +682,14 @@ static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t* x) 
 }
 template <int BITS, int QUADS, int R>
 static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
-  for (int r = 0; r < R; ++r) {  // two sums per row: half the dependency chain (integer sums, any order)
-    __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  // Two sums per row for 8 quads (half the dependency chain; integer sums, any order), one for 4 (Q6_K):
+  // fewer registers for 8 rows' sums (a 1536x8960 Q6_K layer at 8 rows on a Zen 4: 437 -> 416 us).
+  constexpr int C = QUADS > 4 ? 2 : 1;
+  for (int r = 0; r < R; ++r) {
+    __m512i acc[C] = {};
     for (int q = 0; q < QUADS; ++q)
-      acc[q % 2] = dpbusd_broadcast(acc[q % 2], reinterpret_cast<__m512i>(W[q]), x + r * ldx + 4 * q);
-    dots[r] = reinterpret_cast<I32>(_mm512_add_epi32(acc[0], acc[1]));
+      acc[q % C] = dpbusd_broadcast(acc[q % C], reinterpret_cast<__m512i>(W[q]), x + r * ldx + 4 * q);
+    dots[r] = reinterpret_cast<I32>(C == 2 ? _mm512_add_epi32(acc[0], acc[C - 1]) : acc[0]);
   }
 }
 // quantize_block's operations, 16 values per vector: the largest magnitude, the first value of it (as
