@@ -105,10 +105,9 @@ static void attend(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64
   const int64_t G = H / Hkv, blocks = (Tq + QB - 1) / QB;
   at::parallel_for(0, Hkv * blocks, 1, [&](int64_t w0, int64_t w1) {
     // kept by each thread from call to call: fresh pages for every forward cost more than the work
-    static thread_local std::vector<F32> keys, values, dots;
+    static thread_local std::vector<F32> keys, values;
     static thread_local std::vector<int64_t> seen;  // the slots a query sees, ascending: its list
     static thread_local std::vector<float> scores;  // [g][i]: score, then weight, of the list's i-th slot for query head g
-    dots.resize(16 * G);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t kvh = w / blocks, t0 = w % blocks * QB, nt = std::min<int64_t>(QB, Tq - t0);
       int64_t last = 0;
@@ -129,16 +128,15 @@ static void attend(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64
         for (int64_t g = 0; g < G; ++g) to_float(q + (t * H + kvh * G + g) * D, D, qf[g]);
         for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 slots' dot lanes, then their halving trees together
           const int64_t m = std::min<int64_t>(16, n - i0);
-          for (int64_t j = 0; j < 16; ++j) {
-            const F32* key = &keys[seen[std::min(i0 + j, n - 1)] * C];
-            for (int64_t g = 0; g < G; ++g) {
-              F32 dot{};
-              for (int c = 0; c < C; ++c) dot = dot + qf[g][c] * key[c];
-              dots[g * 16 + j] = dot;
-            }
-          }
+          const F32* key[16];
+          for (int j = 0; j < 16; ++j) key[j] = &keys[seen[std::min(i0 + j, n - 1)] * C];
           for (int64_t g = 0; g < G; ++g) {
-            const F32 s = reduce16(&dots[g * 16]) * scale;
+            // 16 independent sums side by side, each in the order of c (before: one slot's sum at a time, a
+            // chain of additions; a Zen 4 layer, 16 queries over 250 slots: 288 -> 239 us, 128 over 600: 4.98 -> 4.0 ms)
+            F32 dot[16] = {};
+            for (int c = 0; c < C; ++c)
+              for (int j = 0; j < 16; ++j) dot[j] = dot[j] + qf[g][c] * key[j][c];
+            const F32 s = reduce16(dot) * scale;
             std::memcpy(&scores[g * padded + i0], &s, 4 * m);
           }
         }
