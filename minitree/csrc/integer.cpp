@@ -689,7 +689,8 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots
     __m512i acc[C] = {};
     for (int q = 0; q < QUADS; ++q)
       acc[q % C] = dpbusd_broadcast(acc[q % C], reinterpret_cast<__m512i>(W[q]), x + r * ldx + 4 * q);
-    dots[r] = reinterpret_cast<I32>(C == 2 ? _mm512_add_epi32(acc[0], acc[C - 1]) : acc[0]);
+    for (int c = 1; c < C; ++c) acc[0] = _mm512_add_epi32(acc[0], acc[c]);
+    dots[r] = reinterpret_cast<I32>(acc[0]);
   }
 }
 // quantize_block's operations, 16 values per vector: the largest magnitude, the first value of it (as
