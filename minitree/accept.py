@@ -33,8 +33,10 @@ def accept_greedy(tree: StepTree, target_logits: torch.Tensor):
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(p - q, 0)): what is left of p once q's proposal was rejected."""
-    r = (p - q).clamp(min=0)
+    """norm(max(p - q, 0)): what is left of p once q's proposal was rejected. q a token (a 0-dim
+    index): a draft certain of it, so norm(p without it) (the same bits as with q one-hot at the
+    token, in a third of the passes over the vocabulary)."""
+    r = p.index_fill(0, q.view(1), 0) if q.dim() == 0 else (p - q).clamp(min=0)
     return r / r.sum().clamp(min=1e-30)
 
 
@@ -57,23 +59,27 @@ def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Ten
     n_acc = torch.zeros((), dtype=torch.long, device=p.device)
     stop_p = p[0]
     for d in range(tree.max_depth):
-        res, qq, nxt = at(p, cur), at(q, at(tree.draft_row, cur)), cur
+        res, nxt = at(p, cur), cur
+        qq = None if one_hot_draft else at(q, at(tree.draft_row, cur))
+        children = at(tree.children, cur)  # [K]
+        child_tokens = tokens.index_select(0, children.clamp(min=0))  # UNDRAFTED (< 0) below an early stop: no child
+        drafted = alive & (children >= 0) & (child_tokens >= 0)  # [K]
         moved = torch.zeros((), dtype=torch.bool, device=p.device)
         for r in range(K):
-            child = at(tree.children, cur)[r]
-            token = at(tokens, child.clamp(min=0))  # UNDRAFTED (< 0) below an early stop: no child
-            x = token.clamp(min=0)
-            q_i = (torch.arange(p.shape[-1], device=p.device) == x).to(p.dtype) if one_hot_draft else qq
-            qx, px = at(q_i, x), at(res, x)
-            valid = alive & ~moved & (child >= 0) & (token >= 0)
-            ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
-            rejected = valid & ~ok
-            res = torch.where(rejected, residual(res, q_i), res)
-            if not one_hot_draft:
+            x = child_tokens[r].clamp(min=0)
+            px, valid = at(res, x), drafted[r] & ~moved
+            if one_hot_draft:  # q_i certain of x
+                ok = valid & (u_accept[d, r] < px)
+                res = torch.where(valid & ~ok, residual(res, x), res)
+            else:
+                qx = at(qq, x)
+                ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
+                rejected = valid & ~ok
+                res = torch.where(rejected, residual(res, qq), res)
                 q_next = qq.index_fill(0, x.view(1), 0)  # the next draw excludes x
                 qq = torch.where(rejected, q_next / q_next.sum().clamp(min=1e-30), qq)
             moved = moved | ok
-            nxt = torch.where(ok, child, nxt)
+            nxt = torch.where(ok, children[r], nxt)
         stop_p = torch.where(alive & ~moved, res, stop_p)
         alive = alive & moved
         cur = torch.where(moved, nxt, cur)
