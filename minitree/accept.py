@@ -33,10 +33,9 @@ def accept_greedy(tree: StepTree, target_logits: torch.Tensor):
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(p - q, 0)): what is left of p once q's proposal was rejected. q a token (a 0-dim
-    index): a draft certain of it, so norm(p without it) (the same bits as with q one-hot at the
-    token, in a third of the passes over the vocabulary)."""
-    r = p.index_fill(0, q.view(1), 0) if q.dim() == 0 else (p - q).clamp(min=0)
+    """norm(max(p - q, 0)): what is left of p once q's proposal was rejected. q a mask of tokens
+    (bool [V]): what is left once drafts certain of each of them were rejected, norm(p without them)."""
+    r = p.masked_fill(q, 0) if q.dtype == torch.bool else (p - q).clamp(min=0)
     return r / r.sum().clamp(min=1e-30)
 
 
@@ -48,7 +47,9 @@ def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Ten
     the node's draft row; u [D * K + 1]: uniforms. At a node, child i with token x is accepted with probability
     min(1, p_i(x) / q_i(x)); on rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} =
     norm(q_i without x). With one_hot_draft (children are the draft's top-k, not draws)
-    q_i is one-hot at x: accept with probability p_i(x), then p_{i+1} = norm(p_i without x).
+    q_i is one-hot at x: accept with probability p_i(x), then p_{i+1} = norm(p_i without x); so a
+    level is decided at once: child i is accepted iff its elder siblings were rejected and
+    u_i * (mass of p left after them) < p(x_i).
     If no child is accepted, the bonus is drawn from the residual p; after a leaf, from p.
     Then the output is distributed exactly as p, whatever q is.
     """
@@ -59,27 +60,29 @@ def accept_sample(tree: StepTree, p: torch.Tensor, q: torch.Tensor, u: torch.Ten
     n_acc = torch.zeros((), dtype=torch.long, device=p.device)
     stop_p = p[0]
     for d in range(tree.max_depth):
-        res, nxt = at(p, cur), cur
-        qq = None if one_hot_draft else at(q, at(tree.draft_row, cur))
-        children = at(tree.children, cur)  # [K]
-        child_tokens = tokens.index_select(0, children.clamp(min=0))  # UNDRAFTED (< 0) below an early stop: no child
-        drafted = alive & (children >= 0) & (child_tokens >= 0)  # [K]
-        moved = torch.zeros((), dtype=torch.bool, device=p.device)
-        for r in range(K):
-            x = child_tokens[r].clamp(min=0)
-            px, valid = at(res, x), drafted[r] & ~moved
-            if one_hot_draft:  # q_i certain of x
-                ok = valid & (u_accept[d, r] < px)
-                res = torch.where(valid & ~ok, residual(res, x), res)
-            else:
-                qx = at(qq, x)
+        res, children = at(p, cur), at(tree.children, cur)  # [V], [K]
+        x = tokens.index_select(0, children.clamp(min=0))  # UNDRAFTED (< 0) below an early stop: no child
+        tried = alive & (children >= 0) & (x >= 0)  # [K]
+        x = x.clamp(min=0)
+        if one_hot_draft:
+            px = res.index_select(0, x) * tried  # [K]
+            left = (res.sum() - (px.cumsum(0) - px)).clamp(min=0)  # what the elder siblings, rejected, leave
+            ok = tried & (u_accept[d] * left < px)
+            moved, nxt = ok.any(), at(children, ok.long().argmax())  # the first accepted child
+            gone = torch.zeros_like(res).index_add_(0, x, tried.to(res.dtype)) > 0  # the tried children's tokens
+            res = residual(res, gone)  # read only when none was accepted
+        else:  # drawn children: one at a time, q losing each rejected token
+            qq, nxt = at(q, at(tree.draft_row, cur)), cur
+            moved = torch.zeros((), dtype=torch.bool, device=p.device)
+            for r in range(K):
+                qx, px, valid = at(qq, x[r]), at(res, x[r]), tried[r] & ~moved
                 ok = valid & (qx > 0) & (u_accept[d, r] * qx < px)
                 rejected = valid & ~ok
                 res = torch.where(rejected, residual(res, qq), res)
-                q_next = qq.index_fill(0, x.view(1), 0)  # the next draw excludes x
+                q_next = qq.index_fill(0, x[r].view(1), 0)  # the next draw excludes x
                 qq = torch.where(rejected, q_next / q_next.sum().clamp(min=1e-30), qq)
-            moved = moved | ok
-            nxt = torch.where(ok, children[r], nxt)
+                moved = moved | ok
+                nxt = torch.where(ok, children[r], nxt)
         stop_p = torch.where(alive & ~moved, res, stop_p)
         alive = alive & moved
         cur = torch.where(moved, nxt, cur)
