@@ -3,7 +3,7 @@
 A runner owns, for one model: the static KV cache; its own tree of modules over the model's
 weights (shared, never written), in which every linear layer is served through forms.FormLinear;
 the compiled decoder layers (regional compilation: one graph per query length, reused by every
-layer, `fullgraph=True, dynamic=False`); the plan (costs.py: how many rows a forward runs, in
+layer of a kind, `fullgraph=True, dynamic=False`); the plan (costs.py: how many rows a forward runs, in
 which kernel setting, with which copies of the weights, in which prefill chunks); and which
 shapes have been compiled. Two runners on one model share its weights and nothing else.
 
@@ -50,7 +50,7 @@ class RowNorm(nn.Module):
 def configure_compiler(device: torch.device) -> None:
     """The process-wide Dynamo/Inductor settings compiled runners need; applied by the first Runner
     made with compile=True (importing minitree changes nothing)."""
-    # The shared layer code gets one graph per (model shape, query length); a bench run with several
+    # The shared layer code gets one graph per (model shape, layer kind, query length); a bench run with several
     # trees and two models needs more than Dynamo's default of 8 before it would silently run eagerly.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
