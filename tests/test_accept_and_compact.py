@@ -2,6 +2,8 @@
 parent pointers and take exactly the rule's decisions; compact moves the accepted path's cache
 slots; the engine refuses a step whose predecessor's count was never read."""
 
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,81 @@ def test_the_bonus_is_drawn_from_the_residual_when_every_child_is_rejected():
     q = torch.stack([mix({11: 1.0})] + [one_hot([0])[0]] * 2)
     # node 1 (11) rejected (u * 1.0 >= 0.75); the residual max(p - q, 0) is certain of 5
     assert sample(p, q, [0.8, 0.0, 0.0, 0.0, 0.9], False) == ([0, 0, 0], 0, 5)
+
+
+def random_tree(gen: torch.Generator, k: int, n: int, depth: int) -> StepTree:
+    """A tree of up to n nodes, k children at most per node, distinct tokens among siblings; a tenth
+    of the nodes UNDRAFTED leaves (an early stop)."""
+    parents, depths, ranks, tokens, kids = [0], [0], [0], [1], [[]]
+    for i in range(1, n):
+        open_ = [j for j in range(i) if len(kids[j]) < k and depths[j] < depth and tokens[j] >= 0]
+        if not open_:
+            break
+        par = open_[int(torch.randint(len(open_), (), generator=gen))]
+        free = [t for t in range(V) if t not in {tokens[c] for c in kids[par]}]
+        token = -1 if torch.rand((), generator=gen) < 0.1 else free[int(torch.randint(len(free), (), generator=gen))]
+        parents.append(par), depths.append(depths[par] + 1), ranks.append(len(kids[par])), tokens.append(token)
+        kids[par].append(i)
+        kids.append([])
+    size = len(parents)
+    return StepTree.build(tokens=torch.tensor(tokens), parents=torch.tensor(parents), depth=torch.tensor(depths),
+                          rank=torch.tensor(ranks), conf=torch.ones(size),
+                          draft_row=torch.zeros(size, dtype=torch.long), max_depth=max(depths), k=k)
+
+
+def one_hot_rule(tree: StepTree, p: torch.Tensor, u: torch.Tensor) -> tuple[list[int], int, int, float]:
+    """The one-hot rule as its definition reads, one child at a time, in float64: from node 0, child
+    i (token x) is accepted iff u < res(x), res = p at the node without its rejected elder siblings'
+    tokens, normalized; with none accepted the bonus is drawn from res, after a leaf or the last
+    level from p at the node. -> (path, accepted, bonus, the smallest distance of a uniform to the
+    threshold it was compared with)."""
+    K, p, node, margin = tree.children.shape[1], p.double(), 0, math.inf
+    res = p[0]
+    for d in range(tree.max_depth):
+        res, moved = p[node].clone(), False
+        for r in range(K):
+            child = int(tree.children[node, r])
+            if child < 0 or int(tree.tokens[child]) < 0:
+                continue
+            x, threshold = int(tree.tokens[child]), float(res[int(tree.tokens[child])] / res.sum())
+            margin = min(margin, abs(float(u[d * K + r]) - threshold))
+            if float(u[d * K + r]) < threshold:
+                node, moved = child, True
+                break
+            res[x] = 0
+        if not moved:
+            break
+    else:
+        res = p[node]
+    cdf = (res / res.sum()).cumsum(0)
+    bonus = int((cdf <= float(u[-1])).sum().clamp(max=V - 1))
+    margin = min(margin, float((cdf - float(u[-1])).abs().min()))
+    return tree.paths[node].tolist(), int(tree.depth[node]), bonus, margin
+
+
+def test_the_one_hot_rule_decides_a_level_at_once_as_one_child_at_a_time():
+    """accept_sample decides a level of children certain of their tokens in one pass (a child accepted
+    iff u_i * the mass its rejected elder siblings leave < p(x_i)): the same path, count and bonus as
+    the rule applied child by child, on random trees and targets, wherever a uniform is not within
+    float rounding of its threshold."""
+    gen, compared = torch.Generator().manual_seed(3), 0
+    for case in range(300):
+        k = 1 + case % 4
+        tree = random_tree(gen, k, n=2 + case % 13, depth=1 + case % 5)
+        n = tree.tokens.numel()
+        p = torch.softmax(3 * torch.randn(n, V, generator=gen), -1)
+        agree = torch.rand(n, generator=gen) < 0.6  # make some drafted tokens the target's likely choice
+        for i in range(1, n):
+            if agree[i] and tree.tokens[i] >= 0:
+                p[tree.parents[i]] = 0.2 * p[tree.parents[i]] + 0.8 * one_hot([int(tree.tokens[i])])[0]
+        u = torch.rand(max(tree.max_depth, 1) * k + 1, generator=gen)
+        path, n_acc, bonus, margin = one_hot_rule(tree, p, u)
+        if margin < 1e-5:
+            continue
+        compared += 1
+        got = accept_sample(tree, p, torch.zeros(1, V), u, True)
+        assert (got[0].tolist(), int(got[1]), int(got[2])) == (path, n_acc, bonus), case
+    assert compared > 250
 
 
 def test_compact_moves_the_accepted_slots_down():
