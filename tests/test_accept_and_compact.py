@@ -118,16 +118,16 @@ def one_hot_rule(tree: StepTree, p: torch.Tensor, u: torch.Tensor) -> tuple[list
     level from p at the node. -> (path, accepted, bonus, the smallest distance of a uniform to the
     threshold it was compared with)."""
     K, p, node, margin = tree.children.shape[1], p.double(), 0, math.inf
-    res = p[0]
     for d in range(tree.max_depth):
         res, moved = p[node].clone(), False
         for r in range(K):
             child = int(tree.children[node, r])
-            if child < 0 or int(tree.tokens[child]) < 0:
+            x = int(tree.tokens[child]) if child >= 0 else -1
+            if x < 0:
                 continue
-            x, threshold = int(tree.tokens[child]), float(res[int(tree.tokens[child])] / res.sum())
-            margin = min(margin, abs(float(u[d * K + r]) - threshold))
-            if float(u[d * K + r]) < threshold:
+            threshold, ur = float(res[x] / res.sum()), float(u[d * K + r])
+            margin = min(margin, abs(ur - threshold))
+            if ur < threshold:
                 node, moved = child, True
                 break
             res[x] = 0
