@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -89,9 +90,19 @@ def test_compiled_layers_write_the_cache_in_place(family_dirs):
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
         _, code = run_and_get_code(runner, torch.tensor([5, 6, 7]), slots, slots, mask.q_node, mask.base,
                                    mask.anc_bits)
-    allocations = [line for line in "\n".join(code).splitlines() if "empty_strided" in line]
-    assert allocations, "no compiled code was captured"
-    assert not [line for line in allocations if f", {slots_in_cache}, " in line]
+    shapes = allocated_shapes("\n".join(code))
+    assert shapes, "no compiled code was captured"
+    assert not [shape for shape in shapes if slots_in_cache in shape]
+
+
+def allocated_shapes(code: str) -> list[tuple[int, ...]]:
+    """The shapes of the buffers compiled code allocates: from Inductor's Python wrapper
+    (`empty_strided_cpu((1, 2, 640, 16), ...)`) or its C++ wrapper (`aoti_torch_empty_strided(4,
+    int_array_9, ...)`, the sizes in `static constexpr int64_t int_array_9[] = {1L, 2L, 640L, 16L};`)."""
+    arrays = dict(re.findall(r"int_array_(\d+)\[\] = \{([^}]*)\}", code))
+    numbers = lambda text: tuple(int(v.strip().rstrip("L")) for v in text.split(",") if v.strip())
+    shapes = [numbers(arrays[i]) for i in re.findall(r"aoti_torch_empty_strided\(\d+, int_array_(\d+),", code)]
+    return shapes + [numbers(sizes) for sizes in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)]
 
 
 def test_sampled_plain_decoding_is_seeded(family_dirs):
