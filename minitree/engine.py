@@ -205,11 +205,6 @@ class Engine:
         self.seq.reset([0])
         return self._compile(shapes)
 
-    def _compiled(self, spec: TreeSpec) -> bool:
-        """Whether every forward a step along `spec` may run was compiled by warm_up or _compile."""
-        return self._all_compiled(self._shapes(spec) + ([(self.draft, c) for c in self.draft.prefill_chunks]
-                                                        if spec.drafts else []))
-
     @staticmethod
     def _all_compiled(shapes: list[tuple[Runner, int]]) -> bool:
         return all(rows in runner.compiled for runner, rows in shapes)
@@ -247,14 +242,6 @@ class Engine:
         if config is not None:
             stats.configs[config.name] += 1
             self.auto.observe(config, step, n, self.seq.history, self.earlier)
-
-    def _stance(self):
-        """Once every shape of a step along self.tree is compiled, Dynamo checks only the guards that
-        tell its compiled graphs apart (a tenth of a plain step's time on a 2-core CPU): nothing else
-        changes between steps, and a shape never compiled is never run under this stance."""
-        if self._compiled(self.tree):
-            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------
     def _state(self) -> list[torch.Tensor]:
@@ -347,8 +334,7 @@ class Engine:
         with _collector_paused():
             while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
                 config = self._choose_tree(stats)
-                with self._stance():
-                    step = self.step(sampling, generator, one_hot_draft)
+                step = self.step(sampling, generator, one_hot_draft)
                 n = self.advance(step)
                 stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s
                 stats.record(step, n, self.tree.ngram_from)

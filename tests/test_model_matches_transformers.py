@@ -60,6 +60,40 @@ def test_plain_decode_never_recompiles(plain_engines):
     assert len(tokens) == 150 and len(warm) == 4
 
 
+@pytest.mark.slow
+def test_compiled_layers_run_the_entry_dynamo_chose_for_their_signature(plain_engines, monkeypatch):
+    """A compiled layer's later calls with a signature run, without Dynamo, the code Dynamo ran for its
+    first: the same bits as calls through Dynamo; a row count never run goes through Dynamo once. A
+    signature that left out the shapes would run the one-row code on three rows: caught."""
+    runner = plain_engines["llama"].target
+    layers = [layer._compiled_call_impl for layer in runner.model.model.layers]
+    through_dynamo = []
+    for layer in layers:
+        monkeypatch.setattr(layer, "dynamo", lambda *a, _call=layer.dynamo: through_dynamo.append(1) or _call(*a))
+
+    def forward(rows: int) -> torch.Tensor:
+        slots = torch.arange(150, 150 + rows)
+        with torch.inference_mode():
+            return runner(slots % 50, slots, slots, torch.zeros(rows, dtype=torch.long), slots[0],
+                          torch.ones(1, dtype=torch.long))
+
+    first_call = {rows: forward(rows) for rows in (1, 3)}  # 3 rows: a shape no other test runs here
+    through_dynamo.clear()
+    direct = {rows: forward(rows) for rows in (1, 3, 1)}
+    assert not through_dynamo
+    with monkeypatch.context() as m:
+        m.setattr(minitree.runner.CompiledLayer, "__call__", lambda self, *a: self.dynamo(*a))
+        assert all(torch.equal(direct[rows], forward(rows)) for rows in (1, 3))
+    assert len(through_dynamo) == 2 * len(layers)
+    assert all(torch.equal(direct[rows], first_call[rows]) for rows in (1, 3))
+
+    monkeypatch.setattr(minitree.runner, "_signature", lambda args: ())  # planted: one entry for every call
+    for layer in layers:
+        monkeypatch.setattr(layer, "entries", {})
+    forward(1)
+    assert forward(3).shape != direct[3].shape
+
+
 def test_compiled_code_is_cached_per_vector_width(family_dirs):
     """Inductor writes CPU code for the SIMD width ATEN_CPU_CAPABILITY picks, but its on-disk cache
     key leaves the width out: code cached under AVX2 emulation was compiled for AVX-512 later and
