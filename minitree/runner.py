@@ -55,9 +55,10 @@ class CompiledLayer:
 
     `nn.Module.compile` sends every call through Dynamo's frame hook, which checks guards to find the
     compiled entry of DecoderLayer.forward (one code object, shared by every layer of every runner)
-    that fits the call, then runs it: 0.1-0.25 ms per call beyond the entry itself on 2 Zen 4 cores,
-    3-5 ms of a one-row forward of the 1.5B target (28 layers). A full guard check costs as much (about
-    0.1 ms: some 300 guards, whose data the kernels' weight streams have evicted from the caches).
+    that fits the call, then runs it: on 2 Zen 4 cores about 2 ms of a one-row forward of the 1.5B
+    target (28 layer calls) beyond the entries themselves, even when Dynamo checks only the guards
+    that tell its entries apart (`skip_guard_eval_unsafe`). A full guard check costs more (about 0.1 ms
+    a call: some 300 guards, whose data the kernels' weight streams have evicted from the caches).
 
     Here a call's signature picks the entry: every tensor argument's shape, strides, dtype, device
     and autograd flags, and the other arguments themselves, which is all that Dynamo's guards read
