@@ -62,14 +62,15 @@ def test_plain_decode_never_recompiles(plain_engines):
 
 @pytest.mark.slow
 def test_compiled_layers_run_the_entry_dynamo_chose_for_their_signature(plain_engines, monkeypatch):
-    """A compiled layer's later calls with a signature run, without Dynamo, the code Dynamo ran for its
-    first: the same bits as calls through Dynamo; a row count never run goes through Dynamo once. A
-    signature that left out the shapes would run the one-row code on three rows: caught."""
+    """A compiled layer's first call with a signature goes through Dynamo; its later calls run, without
+    Dynamo, the code Dynamo ran for the first: the same bits as calls through Dynamo. A signature that
+    left out the shapes would run the one-row code on three rows: caught."""
     runner = plain_engines["llama"].target
     layers = [layer._compiled_call_impl for layer in runner.model.model.layers]
     through_dynamo = []
     for layer in layers:
         monkeypatch.setattr(layer, "dynamo", lambda *a, _call=layer.dynamo: through_dynamo.append(1) or _call(*a))
+        monkeypatch.setattr(layer, "entries", {})  # no signature seen yet
 
     def forward(rows: int) -> torch.Tensor:
         slots = torch.arange(150, 150 + rows)
@@ -77,7 +78,8 @@ def test_compiled_layers_run_the_entry_dynamo_chose_for_their_signature(plain_en
             return runner(slots % 50, slots, slots, torch.zeros(rows, dtype=torch.long), slots[0],
                           torch.ones(1, dtype=torch.long))
 
-    first_call = {rows: forward(rows) for rows in (1, 3)}  # 3 rows: a shape no other test runs here
+    first_call = {rows: forward(rows) for rows in (1, 3)}
+    assert len(through_dynamo) == 2 * len(layers)
     through_dynamo.clear()
     direct = {rows: forward(rows) for rows in (1, 3, 1)}
     assert not through_dynamo
