@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
-from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as dynamo_entries
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list as dynamo_entries  # Dynamo's debugging API
 from torch._C._dynamo.guards import GlobalStateGuard
 
 from .attention import BLOCK, KINDS, TreeMask
