@@ -5,7 +5,8 @@ weights (shared, never written), in which every linear layer is served through f
 the compiled decoder layers (regional compilation: one graph per query length, reused by every
 layer of a kind, `fullgraph=True, dynamic=False`; called through Dynamo once per signature,
 CompiledLayer); the plan (costs.py: how many rows a forward runs, in which kernel setting, with
-which copies of the weights, in which prefill chunks); and which shapes have been compiled. Two runners on one model share its weights and nothing else.
+which copies of the weights, in which prefill chunks); and which shapes have been compiled. Two
+runners on one model share its weights and nothing else.
 
 A forward through a runner takes the tree mask's tensors (attention.py) and returns fp32 logits
 over the whole vocabulary: padded rows are dropped, a tensor-parallel model's vocabulary rows
