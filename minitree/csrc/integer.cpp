@@ -273,6 +273,8 @@ struct Act {
   std::vector<int32_t> s;        // [R, K / sub]: sums of q over each sub-block
   std::vector<int32_t> s_pairs;  // [R, K / sub / 2] (k-quants): those sums two by two as int16 pairs,
                                  // the operand of one pair product with two sub-blocks' scales or mins
+  std::vector<int32_t> s_off;    // [R, K / sub] (formats with a zero level): -offset times the sums, the
+                                 // value the VNNI paths start a sub-block's dots from
   int64_t K;
 };
 
@@ -641,9 +643,10 @@ static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair produ
   return acc;
 }
 template <int BITS, int QUADS, int R>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, const int32_t* start, int64_t lds, I32* dots) {
   for (int r = 0; r < R; ++r) {
-    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    const __m256i s0 = start ? _mm256_set1_epi32(start[r * lds]) : _mm256_setzero_si256();
+    __m256i acc[2] = {s0, s0};  // outputs 0-7, 8-15
     for (int q = 0; q < QUADS; ++q) {
       const __m256i xv = _mm256_set1_epi32(word(x + r * ldx + 4 * q));
       for (int h = 0; h < 2; ++h)
@@ -681,12 +684,13 @@ static inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const int8_t* x) 
   return acc;
 }
 template <int BITS, int QUADS, int R>
-static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, I32* dots) {
+static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, const int32_t* start, int64_t lds, I32* dots) {
   // Two sums per row for 8 quads (half the dependency chain; integer sums, any order), one for 4 (Q6_K):
   // no second sum to clear and add per row (a 1536x8960 Q6_K layer at 8 rows on a Zen 4: 437 -> 416 us).
   constexpr int C = QUADS > 4 ? 2 : 1;
   for (int r = 0; r < R; ++r) {
     __m512i acc[C] = {};
+    if (start) acc[0] = _mm512_set1_epi32(start[r * lds]);
     for (int q = 0; q < QUADS; ++q)
       acc[q % C] = dpbusd_broadcast(acc[q % C], reinterpret_cast<__m512i>(W[q]), x + r * ldx + 4 * q);
     for (int c = 1; c < C; ++c) acc[0] = _mm512_add_epi32(acc[0], acc[c]);
@@ -758,7 +762,7 @@ static bool amx_permitted() {  // Linux hands out the tile registers' state on r
 namespace amx {
 using avx512_vnni::halves;
 using avx512_vnni::pair_sum;
-using avx512_vnni::scale_pairs;
+using avx512_vnni::min_pairs;
 using avx512_vnni::unpack;
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start = 0, reserved[14] = {};
@@ -807,7 +811,7 @@ static void mm_q4_k(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_
     // Block b's products with rows r0.. (C: lo, hi) into acc.
     auto finish = [&](const uint8_t* gb, int64_t b, int64_t r0, const I32 (*Cs)[16]) {
       I32 mins[J / 2];
-      scale_pairs<T>(gb + T::m_at, mins);
+      min_pairs<T>(gb + T::m_at, mins);
       const F32 d = halves(gb + T::d_at), cm = halves(gb + T::c_at);
       for (int64_t r = r0; r < std::min(R, r0 + 16); ++r) {
         const I32 S = Cs[0][r - r0] + (Cs[1][r - r0] << 3);
@@ -894,7 +898,7 @@ static Act quantize(const at::Tensor& x, int path) {
   const auto xc = x.contiguous();
   const int64_t R = xc.size(0), K = xc.size(1), nb = K / T::block, ns = K / T::sub;
   Act a{std::vector<int8_t>(R * K), std::vector<float>(R * nb), std::vector<int32_t>(R * ns),
-        std::vector<int32_t>(T::scales ? R * ns / 2 : 0), K};
+        std::vector<int32_t>(T::scales ? R * ns / 2 : 0), std::vector<int32_t>(T::offset ? R * ns : 0), K};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "minitree quantize", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const auto block = path == PORTABLE ? quantize_block<T, scalar_t>
@@ -906,6 +910,8 @@ static Act quantize(const at::Tensor& x, int path) {
         a.d[rb] = block(xp + rb * T::block, a.q.data() + rb * T::block, sums);
         if constexpr (T::scales)  // |sum| <= 127 * 32: an int16
           for (int p = 0; p < T::subs / 2; ++p) a.s_pairs[rb * T::subs / 2 + p] = (sums[2 * p] & 0xFFFF) | (sums[2 * p + 1] << 16);
+        if constexpr (T::offset != 0)
+          for (int j = 0; j < T::subs; ++j) a.s_off[rb * T::subs + j] = -T::offset * sums[j];
       }
     });
   });

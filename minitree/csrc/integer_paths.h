@@ -30,15 +30,14 @@ static inline void unpack(const uint8_t* L, U8* W) {
   }
 }
 
-// A k-quant block's integer scales or mins (`by`: [subs][16 outputs] bytes; Q6_K's signed), two
-// sub-blocks per int32 lane as an int16 pair: the operand of one pair product with Act::s_pairs.
+// A Q4_K block's mins (`by`: [subs][16 outputs] bytes), two sub-blocks per int32 lane as an int16
+// pair: the operand of one pair product with Act::s_pairs.
 template <class T>
-static inline void scale_pairs(const uint8_t* by, I32* pairs) {
-  for (int p = 0; p < T::subs / 2; ++p)
-    pairs[p] = (widen<T::type_id == Q6_K>(by + 32 * p) & 0xFFFF) | (widen<T::type_id == Q6_K>(by + 32 * p + 16) << 16);
+static inline void min_pairs(const uint8_t* by, I32* pairs) {
+  for (int p = 0; p < T::subs / 2; ++p) pairs[p] = (widen<false>(by + 32 * p) & 0xFFFF) | (widen<false>(by + 32 * p + 16) << 16);
 }
 
-// Sum over a block's sub-blocks of those scales or mins times one row's sub-block sums (s2: the
+// Sum over a block's sub-blocks of those mins times one row's sub-block sums (s2: the
 // row's Act::s_pairs of the block), 16 outputs.
 template <class T>
 static inline I32 pair_sum(const I32* pairs, const int32_t* s2) {
@@ -56,6 +55,10 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
   const int8_t* xq = a.q.data() + r0 * K;
   const float* xd = a.d.data() + r0 * nb;
   const int32_t* xs = a.s.data() + r0 * ns;
+  // A sub-block's dots start from -offset xs (Act::s_off), so that they come out as the sums of
+  // (level - offset) x: the offset costs no product per row (a Q6_K layer at 8 rows: one pair product
+  // per two sub-blocks fewer, beside the 8 vpdpbusd and one vpmulld of each).
+  const int32_t* start = T::offset ? a.s_off.data() + r0 * ns : nullptr;
   F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
 
@@ -64,16 +67,11 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
     const uint8_t* gb = g + b * T::bytes;
     I32 S[R], M[R];
     for (int r = 0; r < R; ++r) S[r] = I32{}, M[r] = I32{};
-    if constexpr (T::scales) {
-      // The rows' sub-block sums times Q4_K's mins (M) or Q6_K's scales (its offset: S starts at
-      // -32 sum_j sc_j xs_j), two sub-blocks per int16 pair product.
+    if constexpr (T::type_id == Q4_K) {
+      // The rows' sub-block sums times the mins (M), two sub-blocks per int16 pair product.
       I32 pairs[J / 2];
-      scale_pairs<T>(gb + (T::type_id == Q4_K ? T::m_at : T::sc_at), pairs);
-      for (int r = 0; r < R; ++r) {
-        const I32 sum = pair_sum<T>(pairs, a.s_pairs.data() + (r0 + r) * ns / 2 + b * J / 2);
-        if constexpr (T::type_id == Q4_K) M[r] = sum;
-        else S[r] = sum * -T::offset;
-      }
+      min_pairs<T>(gb + T::m_at, pairs);
+      for (int r = 0; r < R; ++r) M[r] = pair_sum<T>(pairs, a.s_pairs.data() + (r0 + r) * ns / 2 + b * J / 2);
     }
     for (int j = 0; j < J; ++j) {
       const I32* d = dots(j);
@@ -82,9 +80,8 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
         for (int r = 0; r < R; ++r) S[r] += sc * d[r];
       } else {
         for (int r = 0; r < R; ++r) {
-          const int32_t s = xs[r * ns + b * J + j];
-          S[r] += d[r] - T::offset * s;
-          if constexpr (T::mins) M[r] += s;
+          S[r] += d[r];
+          if constexpr (T::mins) M[r] += xs[r * ns + b * J + j];
         }
       }
     }
@@ -103,7 +100,7 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
     finish(b, [&](int j) {
       prefetch<T::bytes, J>(g + b * T::bytes, j);
       unpack<T>(g + b * T::bytes + T::levels_at + j * T::level_bytes, W);
-      sub_dots<T::bits, T::quads, R>(W, xq + b * T::block + j * T::sub, K, dots);
+      sub_dots<T::bits, T::quads, R>(W, xq + b * T::block + j * T::sub, K, start ? start + b * J + j : nullptr, ns, dots);
       return static_cast<const I32*>(dots);
     });
   }
