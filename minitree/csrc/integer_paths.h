@@ -56,8 +56,8 @@ static void group(const uint8_t* g, const Act& a, int64_t r0, const Out& y, int6
   const float* xd = a.d.data() + r0 * nb;
   const int32_t* xs = a.s.data() + r0 * ns;
   // A sub-block's dots start from -offset xs (Act::s_off), so that they come out as the sums of
-  // (level - offset) x: the offset costs no product per row (a Q6_K layer at 8 rows: one pair product
-  // per two sub-blocks fewer, beside the 8 vpdpbusd and one vpmulld of each).
+  // (level - offset) x: the offset costs no product per row (Q6_K: one pair product fewer per row and
+  // two sub-blocks, beside their 8 vpdpbusd and 2 vpmulld).
   const int32_t* start = T::offset ? a.s_off.data() + r0 * ns : nullptr;
   F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = F32{};
