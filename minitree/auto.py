@@ -22,7 +22,7 @@ every few steps:
   catch-up included), which outweigh the model's prediction once it has run a few steps (TRUST);
 - the draft's catch-up: a drafting configuration chosen after steps without the draft first
   caches the tokens those steps committed (the prompt too, at a text's start: priced in 32-row
-  draft forwards, spread over the HORIZON steps a switch is worth), and beside n-gram branches
+  draft forwards, spread over the steps the text has left, at most HORIZON), and beside n-gram branches
   it catches up on every accepted n-gram node (learned per step: `mixed_catch_up`);
 - n-gram branches: at every step's root, what LOOKUP's continuations would have had accepted,
   once the text after it is known (a histogram by length); N n-gram nodes beside a draft tree
@@ -62,7 +62,7 @@ RARELY = 64  # ... or in this many (when none is)
 CLOSE = 1.0  # predicted speed of the best tree relative to plain decoding that makes it worth a look
 DEEPER = 8  # while the deepest level is often accepted, one step in this many drafts deeper
 TRUST = 3.0  # a configuration's prediction counts as this many measured steps
-HORIZON = 4 * RECHOOSE  # steps a switch to drafting is priced over (its catch-up spread across them)
+HORIZON = 16 * RECHOOSE  # most steps a switch to drafting is priced over (its catch-up spread across them)
 AUTO_SPECS = ("auto", "auto:draft")  # every configuration; or no n-gram branches (family's lookups=False)
 NGRAM_ONLY = (10, 15)  # n-gram-only configurations' nodes (verify 1, 4, 11 or 16 rows: shapes of the family)
 MIXED_TOTALS = (10, 15)  # a mixed configuration verifies the draft's nodes plus n-gram nodes up to these
@@ -146,6 +146,7 @@ class Auto:
     pending: list = field(default_factory=list)  # (root position, continuations)
     mixed_catch_up: float | None = None  # seconds per step of the draft catching up beside n-gram branches
     behind: int = 0  # committed tokens the draft has not cached, as this step is chosen
+    left: int | None = None  # tokens the text may still take, as this step is chosen (None: unknown)
     drafted_last: bool = False  # whether the last step observed ran the draft
     current: Config | None = None
     steps: int = 0
@@ -195,13 +196,15 @@ class Auto:
     def verify_seconds(self, rows: int) -> float:
         return self.verify_cost(rows) + self.verify_extra_at(rows)
 
-    def catch_up_seconds(self, c: Config) -> float:
+    def catch_up_seconds(self, c: Config, tokens: float) -> float:
         """Per step: the draft catching up on the tokens steps without it committed (after a switch,
-        spread over HORIZON steps), and on accepted n-gram nodes beside its own."""
+        spread over the steps left in the text at `tokens` a step, at most HORIZON: a switch near the
+        text's end does not pay for the prompt's catch-up), and on accepted n-gram nodes beside its own."""
         behind = self.behind
         full, rest = divmod(behind, 32)
+        steps = HORIZON if self.left is None else min(max(self.left / tokens, 1.0), HORIZON)
         switch = (full * self.draft_cost(32) + (self.draft_cost(rest) if rest else 0.0)
-                  + -(-behind // 32) * self.draft_extra) / HORIZON
+                  + -(-behind // 32) * self.draft_extra) / steps
         if not c.ngram:
             return switch
         found = self.found / max(self.lookups, 1e-9)
@@ -227,7 +230,7 @@ class Auto:
         if c.ngram:  # beside the draft's nodes: what the branches add to them, verified with them
             tokens += self.ngram_tokens(c.ngram, drafted)
             verify = (1 - found) * verify + found * self.verify_seconds(rows + c.ngram)
-        return tokens, verify + self.draft_seconds(c) + self.catch_up_seconds(c)
+        return tokens, verify + self.draft_seconds(c) + self.catch_up_seconds(c, tokens)
 
     def ngram_tokens(self, nodes: int, drafted: float = 0.0) -> float:
         """Tokens n-gram branches of `nodes` nodes would have had accepted at the roots scored, beyond
@@ -240,11 +243,13 @@ class Auto:
         steps, ran_tokens, ran_seconds = self.runs.get(c.name, (0.0, 0.0, 0.0))
         return (ran_tokens + TRUST * tokens) / (ran_seconds + TRUST * seconds)
 
-    def choose(self, behind: int = 0, history: list[int] | None = None, earlier: EarlierTexts | None = None) -> Config:
+    def choose(self, behind: int = 0, history: list[int] | None = None, earlier: EarlierTexts | None = None,
+               left: int | None = None) -> Config:
         """This step's configuration; `behind`: committed tokens the draft has not cached; `history`:
-        the committed tokens (and `earlier` texts): while they are being copied, n-gram branches alone."""
+        the committed tokens (and `earlier` texts): while they are being copied, n-gram branches alone;
+        `left`: tokens the text may still take (None: unknown)."""
         fresh = behind > self.behind + 32  # a new text: the draft has its prompt to cache (or not)
-        self.steps, self.behind = self.steps + 1, behind
+        self.steps, self.behind, self.left = self.steps + 1, behind, left
         if self.looks_up and history is not None and LOOKUP.copying(history, earlier):
             return self.copier
         if self.weight and (self.steps % RECHOOSE == 0 or fresh):

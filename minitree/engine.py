@@ -227,12 +227,13 @@ class Engine:
         finally:
             self.draft_cutoff, self.graphs, self.timed = saved
 
-    def _choose_tree(self, stats: Stats) -> Config | None:
-        """Tree auto: this step's configuration (rank 0's under tensor parallelism) as self.tree, its
-        shapes compiled (seconds to stats) -> the configuration; other trees: None."""
+    def _choose_tree(self, stats: Stats, left: int) -> Config | None:
+        """Tree auto: this step's configuration (rank 0's under tensor parallelism; `left`: tokens the
+        text may still take) as self.tree, its shapes compiled (seconds to stats) -> the configuration;
+        other trees: None."""
         if self.auto is None:
             return None
-        config = tp.broadcast(self.auto.choose(self.seq.uncached, self.seq.history, self.earlier))
+        config = tp.broadcast(self.auto.choose(self.seq.uncached, self.seq.history, self.earlier, left))
         self.tree = self._spec(config)
         stats.compile_s += self._compile(self._shapes(self.tree))
         return config
@@ -333,7 +334,7 @@ class Engine:
         # and the models (milliseconds), and decoding makes no cycles worth collecting sooner.
         with _collector_paused():
             while len(out) < max_new_tokens and len(prompt) + len(out) <= room:
-                config = self._choose_tree(stats)
+                config = self._choose_tree(stats, max_new_tokens - len(out))
                 step = self.step(sampling, generator, one_hot_draft)
                 n = self.advance(step)
                 stats.first_token_s = stats.first_token_s or time.perf_counter() - start - stats.compile_s

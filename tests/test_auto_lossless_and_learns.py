@@ -150,7 +150,8 @@ def test_prices_ngram_branches_by_what_they_would_have_accepted():
 def test_a_copy_takes_ngram_branches_alone_and_a_switch_to_drafting_pays_the_catch_up():
     """While the text is being copied (its last tokens occurred before, a full n-gram match), every
     step verifies n-gram branches alone, whatever was chosen; and a drafting configuration is
-    priced with the draft's catch-up on the tokens committed without it (a new text: its prompt)."""
+    priced with the draft's catch-up on the tokens committed without it (a new text: its prompt),
+    spread over the steps the text has left (at most HORIZON)."""
     a = Auto(lambda rows: 0.01 * rows, lambda rows: 0.2)
     copied = list(range(40)) + list(range(20))  # the last 8+ tokens occurred before
     assert a.choose(0, copied).name == "ngram" and a.current.depth
@@ -159,4 +160,9 @@ def test_a_copy_takes_ngram_branches_alone_and_a_switch_to_drafting_pays_the_cat
     a.behind = 0
     cheap = a.predicted(tree)
     a.behind = 300  # ten 32-row draft forwards (3 s here), spread over HORIZON steps
-    assert a.predicted(tree) < cheap and a.catch_up_seconds(tree) == pytest.approx(3.0 / HORIZON, rel=0.05)
+    tokens = a.modelled(tree)[0]
+    assert a.predicted(tree) < cheap and a.catch_up_seconds(tree, tokens) == pytest.approx(3.0 / HORIZON, rel=0.05)
+    a.left = round(10 * tokens)  # ... or over the 10 steps the text has left
+    assert a.catch_up_seconds(tree, tokens) == pytest.approx(3.0 / 10, rel=0.05)
+    a.left = 10_000
+    assert a.catch_up_seconds(tree, tokens) == pytest.approx(3.0 / HORIZON, rel=0.05)
