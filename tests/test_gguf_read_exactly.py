@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from torch.utils import cpp_extension
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
@@ -13,7 +14,7 @@ import minitree.accept
 from minitree.config import from_hf_config
 from minitree.costs import PROBED_ROWS, Plan, probe_key, settings
 from minitree.gguf import SUPPORTED, GGUFEmbedding, GGUFLinear, hf_config, read_header
-from minitree.kernels import kernels
+from minitree.kernels import CSRC, FLAGS, kernels
 from reference import (SIZES, T1, blocks_reversed, causal, chi_square_pvalue, plain, prompt, sample_transitions,
                        transition_matrix)
 from tiny import gguf_types, quantize_q4_k, quantize_q6_k, save_random, write_gguf
@@ -58,6 +59,35 @@ def test_every_path_and_row_count_gives_the_same_bits(kind):
     path's tiles take 16), and on every instruction-set path this CPU has (AVX512-VNNI, AVX-VNNI, AVX2,
     AMX-INT8) as on the plain-loop specification; in bf16 and fp16 it is that sum rounded once, as
     torch rounds it."""
+    assert_same_bits_on_every_path(kernels(), kind)
+
+
+@pytest.fixture(scope="module")
+def avx_vnni_on_avx512(tmp_path_factory):
+    """integer.cpp built with its AVX-VNNI path on the EVEX encodings of the same instructions
+    (-DMINITREE_AVX_VNNI_ON_AVX512), under an op namespace of its own: that path, on a CPU without it."""
+    if "avx_vnni" in PATHS or "avx512_vnni" not in PATHS:
+        pytest.skip("runs where the CPU has AVX512-VNNI and not AVX-VNNI (elsewhere the path runs natively "
+                    "in the test above, or cannot run)")
+    root = tmp_path_factory.mktemp("avx-vnni-on-avx512")
+    for source in ("integer.cpp", "integer_paths.h"):
+        (root / source).write_text((CSRC / source).read_text().replace("minitree_kernels", "minitree_avx_vnni_test"))
+    cpp_extension.load(name="minitree_avx_vnni_test", sources=[str(root / "integer.cpp")], is_python_module=False,
+                       extra_cflags=FLAGS + ["-DMINITREE_AVX_VNNI_ON_AVX512"], build_directory=str(root))
+    ops = torch.ops.minitree_avx_vnni_test
+    assert "avx_vnni" in ops.int_paths()
+    return ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_the_avx_vnni_path_gives_the_same_bits_on_a_cpu_without_it(avx_vnni_on_avx512, kind):
+    """The comparison above on every path of a build whose AVX-VNNI path runs here (fixture)."""
+    assert_same_bits_on_every_path(avx_vnni_on_avx512, kind)
+
+
+def assert_same_bits_on_every_path(ops, kind):
+    """test_every_path_and_row_count_gives_the_same_bits on the kernels `ops`."""
     w = np.random.RandomState(2).randn(48, 512).astype(np.float32) * 0.05
     groups = GGUFLinear.from_blocks(torch.from_numpy(packed(w, kind)), kind, 512, None, torch.bfloat16).groups
     qtype, x = int(GGMLQuantizationType[kind]), torch.randn(40, 512).bfloat16().float()
@@ -67,15 +97,15 @@ def test_every_path_and_row_count_gives_the_same_bits(kind):
     i = torch.arange(512)
     x[6] = torch.where(i % 32 < 2, torch.where(i % 2 == 0, -127.0, 127.0), (i % 7) - 3 + 0.5)
     x[7] = -x[6]
-    alone = torch.cat([kernels().int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(40)])
+    alone = torch.cat([ops.int_mm(x[i:i + 1], groups, qtype, 48, 0) for i in range(40)])
     for rows in [*range(1, 18), 33, 40]:
         halves = {h: x[:rows].to(h) for h in (torch.bfloat16, torch.float16)}  # and their fp32 sums, rounded
-        rounded = {h: kernels().int_mm(xh.float(), groups, qtype, 48, 0).to(h) for h, xh in halves.items()}
-        for path, name in enumerate(PATHS):
+        rounded = {h: ops.int_mm(xh.float(), groups, qtype, 48, 0).to(h) for h, xh in halves.items()}
+        for name in ops.int_paths():
             index = ("portable", "avx2", "avx_vnni", "avx512_vnni", "amx").index(name)
-            assert torch.equal(kernels().int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)
+            assert torch.equal(ops.int_mm(x[:rows], groups, qtype, 48, index), alone[:rows]), (name, rows)
             for h, xh in halves.items():
-                assert torch.equal(kernels().int_mm(xh, groups, qtype, 48, index), rounded[h]), (name, rows, h)
+                assert torch.equal(ops.int_mm(xh, groups, qtype, 48, index), rounded[h]), (name, rows, h)
 
 
 def test_the_bit_identity_check_catches_another_summation_order():

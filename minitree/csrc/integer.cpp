@@ -631,14 +631,22 @@ static void mm(const uint8_t* gp, int64_t group_bytes, const Act& a, int64_t R, 
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#ifdef MINITREE_AVX_VNNI_ON_AVX512
+// Tests only (test_gguf_read_exactly.py): the AVX-VNNI path built with the EVEX (AVX512-VL) encodings
+// of its two instructions, the same operations, so that a CPU with AVX512-VNNI and without AVX-VNNI runs it.
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#define AVX_VNNI_OP(op) _mm256_##op##_epi32
+#else
 #pragma GCC target("avx2,fma,f16c,avxvnni")
+#define AVX_VNNI_OP(op) _mm256_##op##_avx_epi32
+#endif
 namespace avx_vnni {
 using avx2::halves;
 using avx2::widen;
 static inline I32 dpwssd(I32 acc, I32 a, I32 b) {  // acc + the int16 pair products of a and b, per int32 lane
   __m256i r[2], x[2], y[2];
   std::memcpy(r, &acc, 64), std::memcpy(x, &a, 64), std::memcpy(y, &b, 64);
-  for (int h = 0; h < 2; ++h) r[h] = _mm256_dpwssd_avx_epi32(r[h], x[h], y[h]);
+  for (int h = 0; h < 2; ++h) r[h] = AVX_VNNI_OP(dpwssd)(r[h], x[h], y[h]);
   std::memcpy(&acc, r, 64);
   return acc;
 }
@@ -650,8 +658,8 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, const int
     for (int q = 0; q < QUADS; ++q) {
       const __m256i xv = _mm256_set1_epi32(word(x + r * ldx + 4 * q));
       for (int h = 0; h < 2; ++h)
-        acc[h] = _mm256_dpbusd_avx_epi32(acc[h], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                                     reinterpret_cast<const uint8_t*>(W + q) + 32 * h)), xv);
+        acc[h] = AVX_VNNI_OP(dpbusd)(acc[h], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                                 reinterpret_cast<const uint8_t*>(W + q) + 32 * h)), xv);
     }
     std::memcpy(&dots[r], &acc[0], 32);
     std::memcpy(reinterpret_cast<char*>(&dots[r]) + 32, &acc[1], 32);
@@ -659,6 +667,7 @@ static inline void sub_dots(const U8* W, const int8_t* x, int64_t ldx, const int
 }
 #include "integer_paths.h"
 }  // namespace avx_vnni
+#undef AVX_VNNI_OP
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -866,7 +875,11 @@ static bool available(int path) {
   switch (path) {
     case PORTABLE: return true;
     case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#ifdef MINITREE_AVX_VNNI_ON_AVX512
+    case AVX_VNNI: return available(AVX2) && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
     case AVX_VNNI: return available(AVX2) && __builtin_cpu_supports("avxvnni");
+#endif
     case AVX512_VNNI: return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
     case AMX: return available(AVX512_VNNI) && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("amx-tile") &&
