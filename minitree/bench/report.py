@@ -84,7 +84,7 @@ def table_rows(table: dict, ps: str, systems: list) -> list[tuple[str, ...]]:
                      f"{r['agreement_llama_cpp']:.3f}" if "agreement_llama_cpp" in r else "",
                      "/".join(f"{100 * split[k]:.0f}" for k in ("draft", "verify")) +
                      f"/{100 * (1 - split['draft'] - split['verify']):.0f}%" if split else "",
-                     f"{r['first_token_s']:.2f} s", f"{r['peak_rss_gb']:.1f} GB"))
+                     f"{r['first_token_s']:.2f} s", f"{r['peak_rss_gb']:.1f} GiB"))
     return rows
 
 
